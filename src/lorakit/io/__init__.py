@@ -1,0 +1,1 @@
+"""Adapter files on disk (PEFT's format) and atomic writes."""

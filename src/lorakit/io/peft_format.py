@@ -1,0 +1,279 @@
+"""Adapter directories in PEFT's exact format: adapter_config.json + adapter_model.safetensors.
+
+Keys, with P = "base_model.model." and <path> a module path in the base model:
+- linear, conv, GPT-2 Conv1D: P<path>.lora_A.weight (r, in[, k...]) and P<path>.lora_B.weight (out, r[, 1...])
+- embedding:                  P<path>.lora_embedding_A (r, vocab) and P<path>.lora_embedding_B (dim, r)
+- a trained bias:             P<path>.base_layer.bias for an adapted module, else P<path>.bias
+- modules_to_save:            P<path>.<param> with the module's own parameter names
+- PEFT also writes the full P<path>.base_layer.weight when an embedding is targeted; lorakit
+  accepts it on load (it replaces the base weight, as in PEFT) and never writes it.
+
+Loading checks every tensor against the model before changing anything: an unknown key, a
+missing key, a wrong shape or a rank that disagrees with the config is an AdapterFileError and
+the model is left as it was. Pickle files (adapter_model.bin) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.adapters import active_adapters, adapter_names, get_adapter_config
+from lorakit.config import ALL_LINEAR, LoraConfig, module_matches
+from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.inject import InjectionPlan, apply_plan, finish_injection, plan_injection
+from lorakit.io.atomic import atomic_path, atomic_write_text
+from lorakit.layers import Embedding, ModulesToSave, lora_class_for
+from lorakit.walk import bias_parameters, lora_layers, model_modules, saved_modules
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def matrix_keys(path: str, is_embedding: bool) -> tuple[str, str]:
+    """The file keys of A and B for the adapter on module ``path``."""
+    if is_embedding:
+        return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
+    return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+
+
+def _param_key(path: str, param: str) -> str:
+    return f"{PREFIX}{path}.{param}" if path else f"{PREFIX}{param}"
+
+
+def _bias_key(path: str, wrapped: bool) -> str:
+    return _param_key(path, "base_layer.bias" if wrapped else "bias")
+
+
+def adapter_slots(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Adapter ``name``'s parameters under their file keys: what is saved, and what loading fills."""
+    config = get_adapter_config(model, name)
+    slots: dict[str, nn.Parameter] = {}
+    targets, saved = set(), set()
+    for path, layer in lora_layers(model):
+        if name in layer.lora:
+            a_key, b_key = matrix_keys(path, isinstance(layer, Embedding))
+            slots[a_key], slots[b_key] = layer.lora[name].lora_A, layer.lora[name].lora_B
+            targets.add(path)
+    for path, wrapper in saved_modules(model):
+        if name in wrapper.modules_to_save:
+            for param_name, param in wrapper.modules_to_save[name].named_parameters():
+                slots[_param_key(path, param_name)] = param
+            saved.add(path)
+    for path, wrapped, bias in bias_parameters(model, config.bias, targets, saved):
+        slots[_bias_key(path, wrapped)] = bias
+    return slots
+
+
+def _expected_shapes(model: nn.Module, plan: InjectionPlan) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(required, optional) file keys and shapes for injecting ``plan``, from the bare modules."""
+    required: dict[str, tuple] = {}
+    optional: dict[str, tuple] = {}
+    for path, module in plan.targets.items():
+        cls = lora_class_for(module)
+        a_shape, b_shape = cls.adapter_shapes(module, plan.config.rank_for(path))
+        a_key, b_key = matrix_keys(path, issubclass(cls, Embedding))
+        required[a_key], required[b_key] = a_shape, b_shape
+        optional[_param_key(path, "base_layer.weight")] = tuple(module.weight.shape)
+    for path, module in plan.saved.items():
+        original = module.original_module if isinstance(module, ModulesToSave) else module
+        for param_name, param in original.named_parameters():
+            required[_param_key(path, param_name)] = tuple(param.shape)
+    for path, wrapped, bias in bias_parameters(model, plan.config.bias, set(plan.targets), set(plan.saved)):
+        required[_bias_key(path, wrapped)] = tuple(bias.shape)
+    return required, optional
+
+
+# --- save ----------------------------------------------------------------------------------
+
+
+def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> Path:
+    """Write adapter ``name`` (default: the active one) to ``directory`` as PEFT does:
+    adapter_config.json and adapter_model.safetensors, each written atomically."""
+    name = name if name is not None else _adapter_to_save(model)
+    config = get_adapter_config(model, name)
+    slots = adapter_slots(model, name)
+    layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.lora]
+    config = config.replace(
+        fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),
+        base_model_name_or_path=config.base_model_name_or_path or str(getattr(model, "name_or_path", "") or ""),
+    )
+    file_config = config.to_peft_dict(_file_targets(model, config, [path for path, _ in layers]))
+    tensors = {key: param.detach().to("cpu", copy=True).contiguous() for key, param in slots.items()}
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(file_config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def _adapter_to_save(model: nn.Module) -> str:
+    active = active_adapters(model)
+    if len(active) == 1:
+        return active[0]
+    names = adapter_names(model)
+    if len(names) == 1:
+        return names[0]
+    raise ConfigError(f"the model has adapters {names} (active: {list(active)}); pass name= to say which to save")
+
+
+def _file_targets(model: nn.Module, config: LoraConfig, paths: list[str]) -> str | list[str]:
+    """target_modules for the file: the config's own patterns when they select exactly the
+    adapted modules, else the module names (or, if short names would also match other modules
+    by suffix, a regex of the exact names), so that PEFT adapts exactly these modules."""
+    all_paths = [p for p, _ in model_modules(model) if p]
+    wanted = set(paths)
+
+    def selects(patterns: str | tuple[str, ...]) -> bool:
+        excluded = config.exclude_modules
+        chosen = {p for p in all_paths if module_matches(patterns, p)
+                  and not (excluded is not None and module_matches(excluded, p))}
+        return chosen == wanted
+
+    spec = config.target_modules
+    if spec is not None and spec != ALL_LINEAR and selects(spec):
+        return spec if isinstance(spec, str) else list(spec)
+    names = tuple(sorted(wanted))
+    if selects(names):
+        return list(names)
+    return "(?:" + "|".join(re.escape(p) for p in names) + ")"
+
+
+# --- read and load -------------------------------------------------------------------------
+
+
+def read_adapter_config(directory: str | Path) -> LoraConfig:
+    """The LoraConfig of an adapter directory, with a clear error for anything wrong."""
+    config_path = _adapter_dir(directory) / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterFileError(f"{directory}: no {CONFIG_NAME}; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{config_path}: not valid JSON ({err})") from None
+    return LoraConfig.from_peft_dict(data, source=str(config_path))
+
+
+def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """(config, tensors by file key) of an adapter directory, every tensor a float tensor on CPU."""
+    config = read_adapter_config(directory)
+    weights = _weights_path(directory)
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except Exception as err:  # safetensors reports truncation and corruption with assorted types
+        raise AdapterFileError(f"{weights}: not a readable safetensors file ({err}); it is truncated or corrupt") from None
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterFileError(f"{weights}: {key} has dtype {tensor.dtype}; adapter tensors are floating point")
+    return config, tensors
+
+
+def read_adapter_header(directory: str | Path) -> tuple[LoraConfig, dict[str, tuple[tuple[int, ...], str]], int]:
+    """(config, {key: (shape, dtype)}, file size in bytes) without reading the tensors."""
+    config = read_adapter_config(directory)
+    weights = _weights_path(directory)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            header = {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()}
+    except Exception as err:  # as in read_adapter
+        raise AdapterFileError(f"{weights}: not a readable safetensors file ({err}); it is truncated or corrupt") from None
+    return config, header, weights.stat().st_size
+
+
+def load_adapter(
+    model: nn.Module, directory: str | Path, name: str = "default", activate: bool = True
+) -> nn.Module:
+    """Load an adapter directory (lorakit's or PEFT's) into ``model`` as adapter ``name``.
+
+    ``model`` may be a bare base model or already hold other adapters. Everything is checked
+    before the model changes; on any error it is left exactly as it was.
+    """
+    config, tensors = read_adapter(directory)
+    plan = plan_injection(model, config, name, activate)
+    required, optional = _expected_shapes(model, plan)
+    _check_tensors(tensors, required, optional, str(_weights_path(directory)))
+
+    apply_plan(model, plan, init=False)
+    slots = adapter_slots(model, name)
+    base_weights = {_param_key(path, "base_layer.weight"): model.get_submodule(path).weight for path in plan.targets}
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            target = slots[key] if key in slots else base_weights[key]
+            target.copy_(tensor.to(target.dtype))
+    finish_injection(model, name, activate)
+    return model
+
+
+def _check_tensors(
+    tensors: dict[str, torch.Tensor], required: dict[str, tuple], optional: dict[str, tuple], source: str
+) -> None:
+    unknown = [k for k in tensors if k not in required and k not in optional]
+    if unknown:
+        raise AdapterFileError(
+            f"{source}: {len(unknown)} tensor(s) match no module of this model, e.g. {_few(unknown)}; "
+            "was the adapter made for a different base model?"
+        )
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise AdapterFileError(f"{source}: {len(missing)} tensor(s) that adapter_config.json calls for are missing, "
+                               f"e.g. {_few(missing)}")
+    for key, tensor in tensors.items():
+        want = required.get(key, optional.get(key))
+        got = tuple(tensor.shape)
+        if got == want:
+            continue
+        rank = _rank_mismatch(key, got, want)
+        if rank is not None:
+            raise AdapterFileError(f"{source}: {key} has rank {rank[0]}, but adapter_config.json gives r={rank[1]} "
+                                   "for this module; the config does not belong to these weights")
+        raise AdapterFileError(f"{source}: {key} has shape {got}, but this model needs {want}; "
+                               "was the adapter made for a different base model?")
+
+
+def _rank_mismatch(key: str, got: tuple, want: tuple) -> tuple[int, int] | None:
+    """(rank in file, rank in config) if the shapes differ only in the rank dimension."""
+    if len(got) != len(want):
+        return None
+    if key.endswith((".lora_A.weight", ".lora_embedding_A")):
+        return (got[0], want[0]) if got[1:] == want[1:] else None
+    if key.endswith((".lora_B.weight", ".lora_embedding_B")):
+        return (got[1], want[1]) if got[0] == want[0] and got[2:] == want[2:] else None
+    return None
+
+
+def _adapter_dir(directory: str | Path) -> Path:
+    path = Path(directory)
+    if not path.exists():
+        raise AdapterFileError(f"{directory}: no such adapter directory")
+    if not path.is_dir():
+        raise AdapterFileError(f"{directory}: is a file; give the adapter directory that holds {CONFIG_NAME}")
+    return path
+
+
+def _weights_path(directory: str | Path) -> Path:
+    path = _adapter_dir(directory)
+    if (path / WEIGHTS_NAME).is_file():
+        return path / WEIGHTS_NAME
+    if (path / PICKLE_NAME).exists():
+        raise AdapterFileError(
+            f"{path}: holds only {PICKLE_NAME}, a pickle, which lorakit never loads (unpickling runs code); "
+            f"convert it where you trust it, e.g. with PEFT: save_pretrained(dir, safe_serialization=True)"
+        )
+    raise AdapterFileError(f"{path}: no {WEIGHTS_NAME}")
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(repr(k) for k in keys[:3]) + (" ..." if len(keys) > 3 else "")

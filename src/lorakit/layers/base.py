@@ -1,0 +1,190 @@
+"""The adapter (A, B, scaling, dropout) and the bookkeeping every LoRA layer family shares.
+
+A LoRA layer *is* its base layer type (``lorakit.Linear`` subclasses ``nn.Linear``) holding the
+same weight and bias Parameters, so ``q_proj.weight`` keeps its name and ``isinstance`` checks
+in model code still hold. Adapters live beside the weight in ``layer.lora[<adapter name>]``.
+
+A family (linear, conv, embedding) supplies four things:
+- ``adapter_shapes(module, r)``: shapes of A and B for a base module of that family;
+- ``_adapter_output(result, x, adapter)``: ``result + s * B(A(dropout(x)))``, never forming B @ A;
+- ``_delta_weight(adapter)``: ``s * B @ A`` in float32, laid out like ``self.weight``, for merging;
+- ``plain_module()``: the base module type again, sharing the same Parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig, lora_scaling
+from lorakit.errors import MergeError
+
+
+class LoraAdapter(nn.Module):
+    """One adapter's trainable pair on one layer: A (r, in...) and B (out, r...)."""
+
+    def __init__(
+        self,
+        a_shape: tuple[int, ...],
+        b_shape: tuple[int, ...],
+        scaling: float,
+        dropout: float,
+        config: LoraConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.zeros(a_shape, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        self.config = config  # the LoraConfig it came from: save_adapter writes it back out
+
+    @property
+    def r(self) -> int:
+        return self.lora_A.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}"
+
+
+class LoraLayer:
+    """Mixin for LoRA layers; the concrete classes also inherit their torch base layer."""
+
+    # Whether the config's dropout applies: PEFT and loralib apply none to embedding adapters.
+    uses_dropout = True
+    # Whether target_modules="all-linear" picks this family (nn.Linear and GPT-2's Conv1D).
+    is_linear = False
+    # Whether the weight is stored (in, out), the transpose of B @ A (PEFT's name for it).
+    fan_in_fan_out = False
+
+    lora: nn.ModuleDict
+    active_adapters: tuple[str, ...]
+    merged_adapters: list[str]
+    lora_disabled: bool
+
+    def _setup_lora(self) -> None:
+        self.lora = nn.ModuleDict()
+        self.active_adapters = ()  # adapters added, in this order, to the base output
+        self.merged_adapters = []  # adapters whose update is currently inside self.weight
+        self.lora_disabled = False  # set by lorakit.disable_adapters(model)
+
+    def _setup_with_adapter(
+        self, r: int, alpha: float, dropout: float, adapter_name: str, config: LoraConfig | None
+    ) -> None:
+        """Constructor tail of every family: drop-in use (``lorakit.Linear(in, out, r=8)``) gets one
+        active adapter and a frozen weight, as loralib does; r=0 builds the layer bare."""
+        self._setup_lora()
+        if config is None:
+            if r == 0:
+                return
+            config = LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=None)
+        self.add_adapter(adapter_name, config)
+        self.active_adapters = (adapter_name,)
+        self.weight.requires_grad_(False)
+
+    # --- family hooks ----------------------------------------------------------------------
+
+    @classmethod
+    def adapter_shapes(cls, module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
+        raise NotImplementedError
+
+    def plain_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _init_adapter(self, adapter: LoraAdapter, init: str) -> None:
+        """Start from an unchanged model: B = 0, A random (loralib's and PEFT's choice)."""
+        if init == "gaussian":
+            nn.init.normal_(adapter.lora_A, std=1 / adapter.r)
+        else:
+            nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(adapter.lora_B)
+
+    # --- adapters --------------------------------------------------------------------------
+
+    def add_adapter(
+        self, name: str, config: LoraConfig, r: int | None = None, scaling: float | None = None, init: bool = True
+    ) -> LoraAdapter:
+        """Add adapter ``name`` (not yet active). r and scaling default to the config's."""
+        if name in self.lora:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        r = config.r if r is None else r
+        scaling = lora_scaling(config.alpha, r, config.use_rslora) if scaling is None else scaling
+        a_shape, b_shape = self.adapter_shapes(self, r)
+        # Adapters train in float32 even over a half-precision base (float64 stays float64).
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        adapter = LoraAdapter(
+            a_shape, b_shape, scaling, config.dropout if self.uses_dropout else 0.0, config, self.weight.device, dtype
+        )
+        if init:
+            with torch.no_grad():
+                self._init_adapter(adapter, config.init)
+        self.lora[name] = adapter
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise MergeError(f"adapter {name!r} is merged into the weights; unmerge before deleting it")
+        del self.lora[name]
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    def _add_adapters(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The base output plus every active adapter not already merged into the weight."""
+        if self.lora_disabled:
+            return result
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                result = self._adapter_output(result, x, self.lora[name])
+        return result
+
+    # --- merge -----------------------------------------------------------------------------
+    # W and the update are added in float32 (float64 for float64 weights) and rounded once to the
+    # weight's dtype, so a bf16 merge loses only that final rounding.
+
+    def _merge_dtype(self) -> torch.dtype:
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
+    @torch.no_grad()
+    def merged_weight_is_finite(self, names: Iterable[str] | None = None) -> bool:
+        """Whether merging ``names`` (default: the active adapters) would give a finite weight."""
+        weight = self.weight.to(self._merge_dtype())
+        for name in self._to_merge(names):
+            weight = weight + self._delta_weight(self.lora[name]).to(weight.dtype)
+        return bool(torch.isfinite(weight.to(self.weight.dtype)).all())
+
+    @torch.no_grad()
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        """Add the active adapters (or ``names``) into the weight; already merged ones are skipped."""
+        for name in self._to_merge(names):
+            delta = self._delta_weight(self.lora[name]).to(self._merge_dtype())
+            self.weight.copy_(self.weight.to(delta.dtype) + delta)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract every merged adapter again, last merged first."""
+        while self.merged_adapters:
+            delta = self._delta_weight(self.lora[self.merged_adapters.pop()]).to(self._merge_dtype())
+            self.weight.copy_(self.weight.to(delta.dtype) - delta)
+
+    def _to_merge(self, names: Iterable[str] | None) -> list[str]:
+        names = self.active_adapters if names is None else tuple(names)
+        return [n for n in names if n in self.lora and n not in self.merged_adapters]
+
+
+def share_base_parameters(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Make ``target`` (built on the meta device) use ``source``'s weight and bias Parameters."""
+    target.weight = source.weight
+    if "bias" in target._parameters:
+        target.bias = source.bias
+    target.train(source.training)
+    return target

@@ -1,0 +1,147 @@
+"""Merging adapters into the weights (zero added latency) and taking them out again.
+
+Merge and unmerge are explicit and idempotent, never side effects of ``train()``/``eval()``.
+``merge_adapter_into_state_dict`` does the same maths on plain tensors, for deployment code
+that has a saved base and an adapter file but no lorakit layers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError, MergeError
+from lorakit.walk import lora_layers, replace_module, saved_modules
+
+
+def merge(model: nn.Module, check_finite: bool = True) -> nn.Module:
+    """Add every active adapter into its layer's weight; merging again changes nothing.
+
+    With ``check_finite`` every merged weight is computed and checked first, and a NaN or Inf
+    anywhere refuses the whole merge, leaving the model untouched.
+    """
+    layers = list(lora_layers(model))
+    if check_finite:
+        for path, layer in layers:
+            if not layer.merged_weight_is_finite():
+                raise MergeError(
+                    f"merging into {path} would give NaN/Inf weights (the adapter or the base weight is not "
+                    "finite, or the sum overflows the weight dtype); nothing was merged"
+                )
+    for _, layer in layers:
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Subtract every merged adapter from the weights again."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module, check_finite: bool = True) -> nn.Module:
+    """Merge the active adapters, then replace every lorakit module by the plain module it wraps
+    (active saved-module copies replace their originals). The result holds no lorakit class."""
+    merge(model, check_finite)
+    return _unwrap(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove all adapters without merging them: the base model as it was before injection."""
+    unmerge(model)
+    for _, wrapper in saved_modules(model):
+        wrapper.active_adapter = None
+    return _unwrap(model)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    for path, layer in list(lora_layers(model)):
+        replace_module(model, path, layer.plain_module())
+    for path, wrapper in list(saved_modules(model)):
+        replace_module(model, path, wrapper.current())
+    for param in model.parameters():
+        param.requires_grad_(True)  # a plain model again, as trainable as it was built
+    return model
+
+
+def merge_adapter_into_state_dict(
+    state_dict: Mapping[str, torch.Tensor], adapter: str | Path, check_finite: bool = True
+) -> dict[str, torch.Tensor]:
+    """Merge the adapter directory ``adapter`` into a saved base ``state_dict`` (keys as in the
+    base model's own ``state_dict()``). Returns a new dict; the input is not modified.
+
+    Needs no model and no lorakit layers: this is the offline export path.
+    """
+    from lorakit.io.peft_format import PREFIX, read_adapter
+
+    config, tensors = read_adapter(adapter)
+    merged = dict(state_dict)
+    source = str(adapter)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    transposed: dict[str, bool] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(PREFIX):
+            raise AdapterFileError(f"{source}: key {key!r} lacks the {PREFIX!r} prefix of a LoRA adapter file")
+        path, part, is_embedding = _split_adapter_key(key[len(PREFIX):])
+        if part is None:
+            # A full tensor saved with the adapter (modules_to_save, a trained bias): it replaces the base's.
+            base_key = key[len(PREFIX):].replace(".base_layer.", ".")
+            _check_base_key(merged, base_key, tensor.shape, source)
+            merged[base_key] = tensor.to(merged[base_key].dtype)
+        else:
+            pairs.setdefault(path, {})[part] = tensor
+            # Embeddings store (vocab, dim) and GPT-2's Conv1D (in, out): both the transpose of B @ A.
+            transposed[path] = is_embedding or config.fan_in_fan_out
+    for path, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterFileError(f"{source}: {path} has lora_{next(iter(pair))} without its partner")
+        base_key = f"{path}.weight"
+        base = merged.get(base_key)
+        if base is None:
+            raise AdapterFileError(f"{source}: adapts {path}, but the state dict has no {base_key!r}")
+        delta = _delta_for_state_dict(config, path, pair["A"], pair["B"], transposed[path], base.shape, source)
+        new = (base.to(delta.dtype) + delta).to(base.dtype)
+        if check_finite and not torch.isfinite(new).all():
+            raise MergeError(f"merging into {base_key} gives NaN/Inf weights; nothing was returned")
+        merged[base_key] = new
+    return merged
+
+
+def _split_adapter_key(key: str) -> tuple[str, str | None, bool]:
+    """(path, "A" or "B", is_embedding) for an adapter matrix key; (key, None, False) otherwise."""
+    for suffix, part, is_embedding in ((".lora_A.weight", "A", False), (".lora_B.weight", "B", False),
+                                       (".lora_embedding_A", "A", True), (".lora_embedding_B", "B", True)):
+        if key.endswith(suffix):
+            return key[: -len(suffix)], part, is_embedding
+    return key, None, False
+
+
+def _delta_for_state_dict(
+    config: LoraConfig, path: str, a: torch.Tensor, b: torch.Tensor, transpose: bool, base_shape: torch.Size,
+    source: str,
+) -> torch.Tensor:
+    r = config.rank_for(path)
+    if a.shape[0] != r or b.shape[1] != r:
+        raise AdapterFileError(f"{source}: {path} has rank {a.shape[0]} in the file but r={r} in its config")
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    delta = (b.to(dtype).flatten(1) @ a.to(dtype).flatten(1)) * config.scaling_for(path)  # (out, in * k...)
+    if a.dim() > 2:  # convolution: (out, in * k...) -> (out, in, k...)
+        delta = delta.view(b.shape[0], *a.shape[1:])
+    elif transpose:
+        delta = delta.T
+    if tuple(delta.shape) != tuple(base_shape):
+        raise AdapterFileError(f"{source}: the update for {path} has shape {tuple(delta.shape)}, "
+                               f"the base weight {tuple(base_shape)}")
+    return delta
+
+
+def _check_base_key(state_dict: Mapping[str, torch.Tensor], key: str, shape: torch.Size, source: str) -> None:
+    if key not in state_dict:
+        raise AdapterFileError(f"{source}: holds {key!r}, which the base state dict does not have")
+    if tuple(state_dict[key].shape) != tuple(shape):
+        raise AdapterFileError(f"{source}: {key!r} has shape {tuple(shape)}, the base {tuple(state_dict[key].shape)}")
