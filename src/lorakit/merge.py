@@ -77,7 +77,7 @@ def merge_adapter_into_state_dict(
 
     Needs no model and no lorakit layers: this is the offline export path.
     """
-    from lorakit.io.peft_format import PREFIX, read_adapter
+    from lorakit.io.peft_format import PREFIX, read_adapter, split_adapter_key
 
     config, tensors = read_adapter(adapter)
     merged = dict(state_dict)
@@ -87,7 +87,7 @@ def merge_adapter_into_state_dict(
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
             raise AdapterFileError(f"{source}: key {key!r} lacks the {PREFIX!r} prefix of a LoRA adapter file")
-        path, part, is_embedding = _split_adapter_key(key[len(PREFIX):])
+        path, part, is_embedding = split_adapter_key(key[len(PREFIX):])
         if part is None:
             # A full tensor saved with the adapter (modules_to_save, a trained bias): it replaces the base's.
             base_key = key[len(PREFIX):].replace(".base_layer.", ".")
@@ -110,15 +110,6 @@ def merge_adapter_into_state_dict(
             raise MergeError(f"merging into {base_key} gives NaN/Inf weights; nothing was returned")
         merged[base_key] = new
     return merged
-
-
-def _split_adapter_key(key: str) -> tuple[str, str | None, bool]:
-    """(path, "A" or "B", is_embedding) for an adapter matrix key; (key, None, False) otherwise."""
-    for suffix, part, is_embedding in ((".lora_A.weight", "A", False), (".lora_B.weight", "B", False),
-                                       (".lora_embedding_A", "A", True), (".lora_embedding_B", "B", True)):
-        if key.endswith(suffix):
-            return key[: -len(suffix)], part, is_embedding
-    return key, None, False
 
 
 def _delta_for_state_dict(

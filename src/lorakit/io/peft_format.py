@@ -48,6 +48,16 @@ def matrix_keys(path: str, is_embedding: bool) -> tuple[str, str]:
     return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
 
 
+def split_adapter_key(key: str) -> tuple[str, str | None, bool]:
+    """(module path, "A" or "B", is_embedding) for an A/B key with PREFIX removed;
+    (key, None, False) for any other tensor (a bias, a saved module's parameter)."""
+    for suffix, part, is_embedding in ((".lora_A.weight", "A", False), (".lora_B.weight", "B", False),
+                                       (".lora_embedding_A", "A", True), (".lora_embedding_B", "B", True)):
+        if key.endswith(suffix):
+            return key[: -len(suffix)], part, is_embedding
+    return key, None, False
+
+
 def _param_key(path: str, param: str) -> str:
     return f"{PREFIX}{path}.{param}" if path else f"{PREFIX}{param}"
 
