@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import ctypes
 import platform
 import threading
 import time
@@ -27,9 +27,10 @@ def smollm2_shaped_llama(seed: int = 0) -> torch.nn.Module:
 
 
 class PeakMemory:
-    """Peak memory above the level at start: CUDA's allocator counter, or on CPU the process's
-    resident set sampled every millisecond by a thread (the kernel's own peak would include
-    whatever happened before the measured region)."""
+    """Peak memory in use above the level at start: CUDA's allocator counter, or on CPU the bytes
+    malloc has handed out and not taken back (glibc's mallinfo2), sampled every millisecond by a
+    thread. Not the resident set: glibc keeps freed memory mapped, so the resident set depends
+    on allocation history and swung by 2x between identical runs here."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -41,7 +42,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
-            self.start = _rss()
+            self.start = _live_bytes()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -49,7 +50,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss() - self.start)
+            self.peak = max(self.peak, _live_bytes() - self.start)
             time.sleep(0.001)
 
     def __exit__(self, *exc) -> None:
@@ -59,12 +60,23 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, _rss() - self.start)
+            self.peak = max(self.peak, _live_bytes() - self.start)
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+_libc = ctypes.CDLL(None)
+_libc.mallinfo2.restype = _MallInfo2
+
+
+def _live_bytes() -> int:
+    """Bytes allocated through malloc and not freed: heap chunks in use plus mmapped chunks."""
+    info = _libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 def machine() -> str:

@@ -4,7 +4,8 @@ Each measurement is one child process (so peak memory is that library's alone), 
 libraries alternate in one run so that machine noise hits both alike. A step is forward with
 labels, backward, AdamW step, zero_grad; same model, data, seed and LoRA settings (r=16,
 alpha=32, dropout 0.05, all linear layers). Reports the median step time and the peak memory
-above the loaded model, as lorakit / PEFT ratios; writes bench/results/lora_overhead.md.
+in use above the loaded model (activations, gradients, optimizer state), as lorakit / PEFT
+ratios; writes bench/results/lora_overhead.md.
 
     python bench/lora_overhead.py [--trials 3] [--steps 3] [--batch 2] [--seq 128] [--device cpu]
 """
@@ -54,9 +55,9 @@ def worker(library: str, args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    step()  # warm-up: allocator, AdamW state
     times = []
     with PeakMemory(device) as memory:
+        step()  # warm-up, untimed: the first step also creates AdamW's state
         for _ in range(args.steps):
             if device.type == "cuda":
                 torch.cuda.synchronize()
