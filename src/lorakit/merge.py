@@ -64,8 +64,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
         replace_module(model, path, layer.plain_module())
     for path, wrapper in list(saved_modules(model)):
         replace_module(model, path, wrapper.current())
-    for param in model.parameters():
-        param.requires_grad_(True)  # a plain model again, as trainable as it was built
     return model
 
 

@@ -16,7 +16,37 @@ from lorakit.layers.base import LoraAdapter, LoraLayer, share_base_parameters
 
 
 class _ConvLora(LoraLayer):
-    """What Conv1d and Conv2d share; each sets ``_pointwise`` to F.conv1d or F.conv2d."""
+    """What Conv1d and Conv2d share; each names its torch class and its pointwise convolution."""
+
+    _torch_conv: type  # nn.Conv1d or nn.Conv2d
+    _pointwise: staticmethod  # F.conv1d or F.conv2d, for B
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: int | str | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        adapter_name: str = "default",
+        config: LoraConfig | None = None,
+    ) -> None:
+        self._torch_conv.__init__(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
+        if groups != 1 and (r > 0 or config is not None):
+            raise ValueError(f"LoRA on a grouped convolution (groups={groups}) is not supported")
+        self._setup_with_adapter(r, alpha, dropout, adapter_name, config)
 
     @classmethod
     def from_base(cls, base: nn.Conv1d | nn.Conv2d) -> "_ConvLora":
@@ -46,9 +76,8 @@ class _ConvLora(LoraLayer):
         return (b @ a).view(self.weight.shape) * adapter.scaling
 
     def plain_module(self) -> nn.Module:
-        plain_type = nn.Conv2d if isinstance(self, nn.Conv2d) else nn.Conv1d
         with torch.device("meta"):
-            plain = plain_type(**conv_kwargs(self))
+            plain = self._torch_conv(**conv_kwargs(self))
         return share_base_parameters(self, plain)
 
 
@@ -70,67 +99,12 @@ def conv_kwargs(conv: nn.Conv1d | nn.Conv2d) -> dict:
 class Conv2d(_ConvLora, nn.Conv2d):
     """nn.Conv2d with LoRA adapters; a drop-in like ``lorakit.Conv2d(3, 16, 3, r=4)``."""
 
+    _torch_conv = nn.Conv2d
     _pointwise = staticmethod(F.conv2d)
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | str | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        r: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        adapter_name: str = "default",
-        config: LoraConfig | None = None,
-    ) -> None:
-        nn.Conv2d.__init__(
-            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
-        )
-        _check_groups(self, r, config)
-        self._setup_with_adapter(r, alpha, dropout, adapter_name, config)
 
 
 class Conv1d(_ConvLora, nn.Conv1d):
     """nn.Conv1d with LoRA adapters; a drop-in like ``lorakit.Conv1d(8, 16, 3, r=4)``."""
 
+    _torch_conv = nn.Conv1d
     _pointwise = staticmethod(F.conv1d)
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int],
-        stride: int | tuple[int] = 1,
-        padding: int | str | tuple[int] = 0,
-        dilation: int | tuple[int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        r: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        adapter_name: str = "default",
-        config: LoraConfig | None = None,
-    ) -> None:
-        nn.Conv1d.__init__(
-            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
-        )
-        _check_groups(self, r, config)
-        self._setup_with_adapter(r, alpha, dropout, adapter_name, config)
-
-
-def _check_groups(conv: nn.Module, r: int, config: LoraConfig | None) -> None:
-    if conv.groups != 1 and (r > 0 or config is not None):
-        raise ValueError(f"LoRA on a grouped convolution (groups={conv.groups}) is not supported")
