@@ -33,7 +33,7 @@ def test_an_optimizer_step_changes_adapters_and_never_the_base(case):
     after = model.state_dict()
     for key, value in base.items():
         assert torch.equal(after[key], value), f"base tensor {key} changed"
-    assert any(not torch.equal(p, q) for p, q in zip(params, adapters_before))
+    assert any(not torch.equal(p, q) for p, q in zip(params, adapters_before, strict=True))
 
 
 def test_trainable_parameters_are_exactly_the_adapters(case):

@@ -5,7 +5,6 @@ Embedding. (lorakit also honours a conv's dilation and padding mode in A, which 
 so the CNN here uses neither.)
 """
 
-import copy
 
 import pytest
 import torch
