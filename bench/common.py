@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+from typing_extensions import Self
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -36,7 +37,7 @@ class PeakMemory:
         self.device = device
         self.peak = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> Self:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

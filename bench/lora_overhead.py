@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import PeakMemory, smollm2_shaped_llama, write_table  # noqa: E402
+from bench.common import PeakMemory, smollm2_shaped_llama, write_table
 
 LIBRARIES = ("lorakit", "peft")
 

@@ -4,8 +4,8 @@ and GPT-2 and Llama built from transformers configs with random weights."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # PEFT's save may look a base model up on the Hub
 
@@ -92,7 +92,7 @@ class Case:
         return out.logits if hasattr(out, "logits") else out
 
 
-def _tokens(g: torch.Generator) -> torch.Tensor:
+def random_tokens(g: torch.Generator) -> torch.Tensor:
     return torch.randint(3, 96, (2, 9), generator=g)
 
 
@@ -100,8 +100,8 @@ CASES = [
     Case("mlp", MLP, lambda g: torch.randn(4, 12, generator=g), "all-linear"),
     Case("cnn", CNN, lambda g: torch.randn(2, 3, 8, 8, generator=g), ["conv1", "conv2", "seq_conv", "head"]),
     Case("embedding", EmbeddingModel, lambda g: torch.randint(0, 50, (3, 7), generator=g), ["emb", "proj"]),
-    Case("gpt2", tiny_gpt2, _tokens, "all-linear"),
-    Case("llama", tiny_llama, _tokens, ["embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+    Case("gpt2", tiny_gpt2, random_tokens, "all-linear"),
+    Case("llama", tiny_llama, random_tokens, ["embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                          "up_proj", "down_proj"]),
 ]
 

@@ -13,7 +13,16 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 import lorakit
-from tests.conftest import CASES, Case, EmbeddingModel, MLP, randomize_adapters, tiny_gpt2, tiny_llama
+from tests.conftest import (
+    CASES,
+    MLP,
+    Case,
+    EmbeddingModel,
+    random_tokens,
+    randomize_adapters,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 
 class PlainCNN(nn.Module):
@@ -29,13 +38,12 @@ class PlainCNN(nn.Module):
         return self.head(torch.relu(self.seq_conv(h.flatten(2))).mean(-1))
 
 
-_TOKENS = CASES[3].make_input
 PARITY_CASES = [
     Case("linear", MLP, CASES[0].make_input, ["fc1", "fc2", "head"]),
-    Case("gpt2_conv1d", tiny_gpt2, _TOKENS, ["c_attn", "c_proj", "c_fc"]),
+    Case("gpt2_conv1d", tiny_gpt2, random_tokens, ["c_attn", "c_proj", "c_fc"]),
     Case("conv", PlainCNN, CASES[1].make_input, ["conv1", "conv2", "seq_conv"]),
     Case("embedding", EmbeddingModel, CASES[2].make_input, ["emb"]),
-    Case("llama", tiny_llama, _TOKENS, ["embed_tokens", "q_proj", "v_proj", "down_proj"]),
+    Case("llama", tiny_llama, random_tokens, ["embed_tokens", "q_proj", "v_proj", "down_proj"]),
 ]
 
 

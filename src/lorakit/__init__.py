@@ -20,16 +20,59 @@ from lorakit.adapters import (
     set_adapter,
 )
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError, ConfigError, LorakitError, MergeError, TargetError
+from lorakit.errors import (
+    AdapterFileError,
+    ConfigError,
+    LorakitError,
+    MergeError,
+    TargetError,
+)
 from lorakit.inject import inject
-from lorakit.io.peft_format import load_adapter, read_adapter, read_adapter_config, save_adapter
+from lorakit.io.peft_format import (
+    load_adapter,
+    read_adapter,
+    read_adapter_config,
+    save_adapter,
+)
 from lorakit.layers import Conv1d, Conv2d, Embedding, Linear, LoraLayer
-from lorakit.merge import merge, merge_adapter_into_state_dict, merge_and_unload, unload, unmerge
+from lorakit.merge import (
+    merge,
+    merge_adapter_into_state_dict,
+    merge_and_unload,
+    unload,
+    unmerge,
+)
 
 __all__ = [
-    "AdapterFileError", "ConfigError", "Conv1d", "Conv2d", "Embedding", "Linear", "LoraConfig", "LoraLayer",
-    "LorakitError", "MergeError", "TargetError", "active_adapters", "adapter_names", "delete_adapter",
-    "disable_adapters", "get_adapter_config", "inject", "load_adapter", "lora_parameters", "lora_state_dict",
-    "mark_only_lora_as_trainable", "merge", "merge_adapter_into_state_dict", "merge_and_unload", "read_adapter",
-    "read_adapter_config", "save_adapter", "set_adapter", "unload", "unmerge", "__version__",
+    "AdapterFileError",
+    "ConfigError",
+    "Conv1d",
+    "Conv2d",
+    "Embedding",
+    "Linear",
+    "LoraConfig",
+    "LoraLayer",
+    "LorakitError",
+    "MergeError",
+    "TargetError",
+    "__version__",
+    "active_adapters",
+    "adapter_names",
+    "delete_adapter",
+    "disable_adapters",
+    "get_adapter_config",
+    "inject",
+    "load_adapter",
+    "lora_parameters",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "merge",
+    "merge_adapter_into_state_dict",
+    "merge_and_unload",
+    "read_adapter",
+    "read_adapter_config",
+    "save_adapter",
+    "set_adapter",
+    "unload",
+    "unmerge",
 ]

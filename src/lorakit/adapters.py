@@ -6,8 +6,8 @@ The loralib helpers live here too: ``mark_only_lora_as_trainable``, ``lora_param
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn

@@ -68,8 +68,8 @@ def _info(args: argparse.Namespace) -> int:
     rows = [
         ("adapter", str(args.adapter)),
         ("base model", config.base_model_name_or_path or "(not recorded)"),
-        ("rank", f"r={config.r}, alpha={config.alpha:g}, scaling {scaling} = "
-                 f"{lora_scaling(config.alpha, config.r, config.use_rslora):g}"),
+        ("rank", (f"r={config.r}, alpha={config.alpha:g}, scaling {scaling} = "
+                 f"{lora_scaling(config.alpha, config.r, config.use_rslora):g}")),
     ]
     if config.rank_pattern or config.alpha_pattern:
         rows.append(("overrides", f"rank {config.rank_pattern or '{}'}, alpha {config.alpha_pattern or '{}'}"))

@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from lorakit.errors import ConfigError
 
@@ -96,7 +97,7 @@ class LoraConfig:
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # frozen dataclass: normalise once, here
 
-    def replace(self, **changes: Any) -> "LoraConfig":
+    def replace(self, **changes: Any) -> LoraConfig:
         """A copy with some fields changed, validated again."""
         return dataclasses.replace(self, **changes)
 
@@ -150,7 +151,7 @@ class LoraConfig:
         }
 
     @classmethod
-    def from_peft_dict(cls, data: Mapping[str, Any], source: str = "adapter_config.json") -> "LoraConfig":
+    def from_peft_dict(cls, data: Mapping[str, Any], source: str = "adapter_config.json") -> LoraConfig:
         """Read an adapter_config.json written by lorakit or PEFT.
 
         Every key is accounted for: a PEFT feature lorakit does not implement (DoRA, layer

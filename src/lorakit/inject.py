@@ -10,10 +10,16 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from lorakit.adapters import refuse_if_merged, mark_only_lora_as_trainable, set_adapter
+from lorakit.adapters import mark_only_lora_as_trainable, refuse_if_merged, set_adapter
 from lorakit.config import ALL_LINEAR, LoraConfig, module_matches
 from lorakit.errors import ConfigError, TargetError
-from lorakit.layers import SUPPORTED_TYPES, LoraLayer, ModulesToSave, is_linear, lora_class_for
+from lorakit.layers import (
+    SUPPORTED_TYPES,
+    LoraLayer,
+    ModulesToSave,
+    is_linear,
+    lora_class_for,
+)
 from lorakit.walk import model_modules, replace_module
 
 
@@ -47,8 +53,9 @@ def plan_injection(model: nn.Module, config: LoraConfig, name: str, activate: bo
         refuse_if_merged(model, "adding an active adapter")
     plan = InjectionPlan(name, config)
     head = _output_head(model)
-    for path, module in model_modules(model):
-        if not path or isinstance(module, ModulesToSave):
+    modules = [(path, module) for path, module in model_modules(model) if path]  # the root is never a target
+    for path, module in modules:
+        if isinstance(module, ModulesToSave):
             continue
         if config.exclude_modules is not None and module_matches(config.exclude_modules, path):
             continue
@@ -73,7 +80,7 @@ def plan_injection(model: nn.Module, config: LoraConfig, name: str, activate: bo
             f"adaptable modules here include: {_examples(model)}"
         )
     for pattern in config.modules_to_save or ():
-        matches = {p: m for p, m in model_modules(model) if p and module_matches((pattern,), p)}
+        matches = {p: m for p, m in modules if module_matches((pattern,), p)}
         if not matches:
             raise TargetError(f"modules_to_save entry {pattern!r} matches no module of {type(model).__name__}")
         for path, module in matches.items():

@@ -7,14 +7,15 @@ that has a saved base and an adapter file but no lorakit layers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, MergeError
+from lorakit.layers.base import lora_delta
 from lorakit.walk import lora_layers, replace_module, saved_modules
 
 
@@ -117,8 +118,7 @@ def _delta_for_state_dict(
     r = config.rank_for(path)
     if a.shape[0] != r or b.shape[1] != r:
         raise AdapterFileError(f"{source}: {path} has rank {a.shape[0]} in the file but r={r} in its config")
-    dtype = torch.promote_types(a.dtype, torch.float32)
-    delta = (b.to(dtype).flatten(1) @ a.to(dtype).flatten(1)) * config.scaling_for(path)  # (out, in * k...)
+    delta = lora_delta(a, b, config.scaling_for(path))  # (out, in * k...)
     if a.dim() > 2:  # convolution: (out, in * k...) -> (out, in, k...)
         delta = delta.view(b.shape[0], *a.shape[1:])
     elif transpose:

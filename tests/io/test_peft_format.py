@@ -31,11 +31,11 @@ def test_round_trip_gives_identical_outputs(case, tmp_path):
 
 
 def test_file_layout_is_peft_s(tmp_path):
-    model, directory = saved_llama(tmp_path, target_modules=["q_proj", "embed_tokens"])
+    _model, directory = saved_llama(tmp_path, target_modules=["q_proj", "embed_tokens"])
     assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
     with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
     p = "base_model.model.model."
     assert shapes[p + "layers.0.self_attn.q_proj.lora_A.weight"] == (4, 32)
     assert shapes[p + "layers.0.self_attn.q_proj.lora_B.weight"] == (32, 4)

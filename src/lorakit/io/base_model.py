@@ -96,7 +96,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except Exception as err:  # transformers and gguf report unreadable files with assorted types
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # what transformers and gguf raise for bad files
         raise BaseModelError(f"{gguf}: cannot be read as a GGUF model ({err})") from None
     # The weights are plain floats now; drop the GGUF quantizer so the model saves as a normal one.
     model.hf_quantizer = None

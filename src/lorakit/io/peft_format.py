@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -183,8 +183,8 @@ def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Ten
     weights = _weights_path(directory)
     try:
         tensors = load_file(str(weights), device="cpu")
-    except Exception as err:  # safetensors reports truncation and corruption with assorted types
-        raise AdapterFileError(f"{weights}: not a readable safetensors file ({err}); it is truncated or corrupt") from None
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(weights, err) from None
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise AdapterFileError(f"{weights}: {key} has dtype {tensor.dtype}; adapter tensors are floating point")
@@ -197,9 +197,11 @@ def read_adapter_header(directory: str | Path) -> tuple[LoraConfig, dict[str, tu
     weights = _weights_path(directory)
     try:
         with safe_open(str(weights), framework="pt") as f:
-            header = {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()}
-    except Exception as err:  # as in read_adapter
-        raise AdapterFileError(f"{weights}: not a readable safetensors file ({err}); it is truncated or corrupt") from None
+            # A safe_open handle is not iterable: .keys() is its only listing.
+            slices = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118
+            header = {key: (tuple(s.get_shape()), s.get_dtype()) for key, s in slices.items()}
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(weights, err) from None
     return config, header, weights.stat().st_size
 
 
@@ -283,6 +285,10 @@ def _weights_path(directory: str | Path) -> Path:
             f"convert it where you trust it, e.g. with PEFT: save_pretrained(dir, safe_serialization=True)"
         )
     raise AdapterFileError(f"{path}: no {WEIGHTS_NAME}")
+
+
+def _unreadable(weights: Path, err: Exception) -> AdapterFileError:
+    return AdapterFileError(f"{weights}: not a readable safetensors file ({err}); it is truncated or corrupt")
 
 
 def _few(keys: list[str]) -> str:

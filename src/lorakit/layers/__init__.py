@@ -48,6 +48,15 @@ def is_linear(module: nn.Module) -> bool:
 
 
 __all__ = [
-    "Conv1d", "Conv2d", "Embedding", "Linear", "LoraAdapter", "LoraLayer", "ModulesToSave",
-    "SUPPORTED_TYPES", "is_linear", "lora_class_for", "transformers_conv1d",
+    "SUPPORTED_TYPES",
+    "Conv1d",
+    "Conv2d",
+    "Embedding",
+    "Linear",
+    "LoraAdapter",
+    "LoraLayer",
+    "ModulesToSave",
+    "is_linear",
+    "lora_class_for",
+    "transformers_conv1d",
 ]

@@ -14,7 +14,7 @@ A family (linear, conv, embedding) supplies four things:
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -179,6 +179,17 @@ class LoraLayer:
     def _to_merge(self, names: Iterable[str] | None) -> list[str]:
         names = self.active_adapters if names is None else tuple(names)
         return [n for n in names if n in self.lora and n not in self.merged_adapters]
+
+
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s * B @ A in float32 (or wider) as (out, in * k...), for A (r, in, k...) and B (out, r, 1...).
+
+    The one place the update is formed; only merging needs it (forward never forms it). Each
+    family lays it out like its weight: a view for convolutions, a transpose for embeddings and
+    GPT-2's Conv1D.
+    """
+    dtype = torch.promote_types(lora_A.dtype, torch.float32)
+    return (lora_B.to(dtype).flatten(1) @ lora_A.to(dtype).flatten(1)) * scaling
 
 
 def share_base_parameters(source: nn.Module, target: nn.Module) -> nn.Module:

@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.layers.base import LoraAdapter, LoraLayer, share_base_parameters
+from lorakit.layers.base import (
+    LoraAdapter,
+    LoraLayer,
+    lora_delta,
+    share_base_parameters,
+)
 
 
 class _ConvLora(LoraLayer):
@@ -49,7 +54,7 @@ class _ConvLora(LoraLayer):
         self._setup_with_adapter(r, alpha, dropout, adapter_name, config)
 
     @classmethod
-    def from_base(cls, base: nn.Conv1d | nn.Conv2d) -> "_ConvLora":
+    def from_base(cls, base: nn.Conv1d | nn.Conv2d) -> _ConvLora:
         with torch.device("meta"):  # skip allocating and initialising a weight we replace
             layer = cls(**conv_kwargs(base), r=0)
         return share_base_parameters(base, layer)
@@ -70,10 +75,7 @@ class _ConvLora(LoraLayer):
         return result + self._pointwise(h, b)  # (N, out, L...)
 
     def _delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
-        dtype = torch.promote_types(adapter.lora_A.dtype, torch.float32)
-        a = adapter.lora_A.to(dtype).flatten(1)  # (r, in * k...)
-        b = adapter.lora_B.to(dtype).flatten(1)  # (out, r)
-        return (b @ a).view(self.weight.shape) * adapter.scaling
+        return lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling).view(self.weight.shape)  # (out, in, k...)
 
     def plain_module(self) -> nn.Module:
         with torch.device("meta"):
@@ -83,17 +85,17 @@ class _ConvLora(LoraLayer):
 
 def conv_kwargs(conv: nn.Conv1d | nn.Conv2d) -> dict:
     """The constructor arguments that rebuild ``conv``'s shape and behaviour."""
-    return dict(
-        in_channels=conv.in_channels,
-        out_channels=conv.out_channels,
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-    )
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+    }
 
 
 class Conv2d(_ConvLora, nn.Conv2d):

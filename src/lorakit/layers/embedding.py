@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.layers.base import LoraAdapter, LoraLayer, share_base_parameters
+from lorakit.layers.base import (
+    LoraAdapter,
+    LoraLayer,
+    lora_delta,
+    share_base_parameters,
+)
 
 
 class Embedding(LoraLayer, nn.Embedding):
@@ -43,7 +48,7 @@ class Embedding(LoraLayer, nn.Embedding):
         self._setup_with_adapter(r, alpha, 0.0, adapter_name, config)
 
     @classmethod
-    def from_base(cls, base: nn.Embedding) -> "Embedding":
+    def from_base(cls, base: nn.Embedding) -> Embedding:
         with torch.device("meta"):  # skip allocating and initialising a weight we replace
             layer = cls(**embedding_kwargs(base), r=0)
         return share_base_parameters(base, layer)
@@ -69,8 +74,7 @@ class Embedding(LoraLayer, nn.Embedding):
         return result + F.linear(h, b)  # (..., dim)
 
     def _delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
-        dtype = torch.promote_types(adapter.lora_A.dtype, torch.float32)
-        return (adapter.lora_B.to(dtype) @ adapter.lora_A.to(dtype)).T * adapter.scaling  # (vocab, dim)
+        return lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling).T  # (vocab, dim)
 
     def plain_module(self) -> nn.Embedding:
         with torch.device("meta"):
@@ -80,12 +84,12 @@ class Embedding(LoraLayer, nn.Embedding):
 
 def embedding_kwargs(emb: nn.Embedding) -> dict:
     """The constructor arguments that rebuild ``emb``'s shape and behaviour."""
-    return dict(
-        num_embeddings=emb.num_embeddings,
-        embedding_dim=emb.embedding_dim,
-        padding_idx=emb.padding_idx,
-        max_norm=emb.max_norm,
-        norm_type=emb.norm_type,
-        scale_grad_by_freq=emb.scale_grad_by_freq,
-        sparse=emb.sparse,
-    )
+    return {
+        "num_embeddings": emb.num_embeddings,
+        "embedding_dim": emb.embedding_dim,
+        "padding_idx": emb.padding_idx,
+        "max_norm": emb.max_norm,
+        "norm_type": emb.norm_type,
+        "scale_grad_by_freq": emb.scale_grad_by_freq,
+        "sparse": emb.sparse,
+    }

@@ -9,8 +9,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
-from lorakit.layers.base import LoraAdapter, LoraLayer, share_base_parameters
-from lorakit.layers.linear import linear_adapter_output, linear_delta_weight
+from lorakit.layers.base import (
+    LoraAdapter,
+    LoraLayer,
+    lora_delta,
+    share_base_parameters,
+)
+from lorakit.layers.linear import linear_adapter_output
 
 
 class Conv1D(LoraLayer, HFConv1D):
@@ -24,7 +29,7 @@ class Conv1D(LoraLayer, HFConv1D):
         self._setup_lora()
 
     @classmethod
-    def from_base(cls, base: HFConv1D) -> "Conv1D":
+    def from_base(cls, base: HFConv1D) -> Conv1D:
         with torch.device("meta"):  # skip allocating and initialising a weight we replace
             layer = cls(base.nf, base.weight.shape[0])
         return share_base_parameters(base, layer)
@@ -40,7 +45,7 @@ class Conv1D(LoraLayer, HFConv1D):
         return linear_adapter_output(result, x, adapter)
 
     def _delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
-        return linear_delta_weight(adapter).T  # (in, out), the layout Conv1D stores
+        return lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling).T  # (in, out), as Conv1D stores it
 
     def plain_module(self) -> HFConv1D:
         with torch.device("meta"):

@@ -7,7 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.layers.base import LoraAdapter, LoraLayer, share_base_parameters
+from lorakit.layers.base import (
+    LoraAdapter,
+    LoraLayer,
+    lora_delta,
+    share_base_parameters,
+)
 
 
 def linear_adapter_output(result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
@@ -16,12 +21,6 @@ def linear_adapter_output(result: torch.Tensor, x: torch.Tensor, adapter: LoraAd
     b = adapter.lora_B.to(x.dtype)  # (out, r)
     h = F.linear(adapter.dropout(x), a) * adapter.scaling  # (..., r): scale the narrow tensor
     return result + F.linear(h, b)  # (..., out)
-
-
-def linear_delta_weight(adapter: LoraAdapter) -> torch.Tensor:
-    """s * B @ A, shape (out, in), in float32 or wider."""
-    dtype = torch.promote_types(adapter.lora_A.dtype, torch.float32)
-    return (adapter.lora_B.to(dtype) @ adapter.lora_A.to(dtype)) * adapter.scaling
 
 
 class Linear(LoraLayer, nn.Linear):
@@ -47,7 +46,7 @@ class Linear(LoraLayer, nn.Linear):
         self._setup_with_adapter(r, alpha, dropout, adapter_name, config)
 
     @classmethod
-    def from_base(cls, base: nn.Linear) -> "Linear":
+    def from_base(cls, base: nn.Linear) -> Linear:
         """A bare LoRA layer over ``base``'s own Parameters (nothing copied)."""
         layer = cls(base.in_features, base.out_features, r=0, bias=base.bias is not None, device="meta")
         return share_base_parameters(base, layer)
@@ -63,7 +62,7 @@ class Linear(LoraLayer, nn.Linear):
         return linear_adapter_output(result, x, adapter)
 
     def _delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
-        return linear_delta_weight(adapter)
+        return lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling)  # (out, in)
 
     def plain_module(self) -> nn.Linear:
         plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
