@@ -126,3 +126,27 @@ def injected(case: Case, r: int = 4, alpha: float = 8, **kwargs) -> nn.Module:
     lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=alpha, target_modules=case.targets, **kwargs))
     randomize_adapters(model)
     return model
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The real SmolLM2 tokenizer and chat template (from the embedded base, via lorakit's cache)."""
+    from lorakit.io.base_model import load_base
+
+    return load_base()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory, smol_tokenizer):
+    """A model directory holding a tiny random Llama with SmolLM2's tokenizer: what `--base DIR` reads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         initializer_range=0.3)  # larger than default, so a few LoRA steps move the logits
+    directory = tmp_path_factory.mktemp("tiny-base")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    smol_tokenizer.save_pretrained(directory)
+    return directory

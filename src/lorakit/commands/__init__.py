@@ -1,0 +1,1 @@
+"""One module per ``lorakit`` subcommand; each has ``register(subparsers)``."""

@@ -1,0 +1,92 @@
+"""`lorakit generate` (one reply per message) and `lorakit chat` (a conversation), with an adapter."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(commands) -> None:
+    generate = commands.add_parser(
+        "generate",
+        help="reply to messages with the base model and an adapter",
+        description="Reply to each MESSAGE as a user turn in the model's chat template (or continue it as "
+        "plain text with --raw), with the adapter if given.",
+    )
+    generate.add_argument("messages", nargs="+", metavar="MESSAGE", help="user message(s); each gets its own reply")
+    generate.add_argument("--raw", action="store_true", help="continue the text as it is, without the chat template")
+    _common(generate)
+    generate.set_defaults(run=_generate)
+
+    chat = commands.add_parser(
+        "chat",
+        help="talk to the base model with an adapter, interactively",
+        description="An interactive conversation. Type /reset to start over, /exit (or Ctrl-D) to leave.",
+    )
+    chat.add_argument("--system", help="a system message to open the conversation with")
+    _common(chat)
+    chat.set_defaults(run=_chat)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", type=Path, help="adapter directory (none: the base model alone)")
+    parser.add_argument("--base", default="smollm2",
+                        help="base model: a model directory, a .gguf file, or smollm2 (the embedded default)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+
+
+def _check(args: argparse.Namespace) -> None:
+    from lorakit.errors import ConfigError
+
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError("--max-new-tokens must be >= 1, --temperature >= 0, and --top-p in (0, 1]")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lorakit.generate import chat_prompt, generate_texts, load_for_inference
+
+    _check(args)
+    model, tokenizer = load_for_inference(args.base, args.adapter)
+    prompts = args.messages if args.raw else [
+        chat_prompt(tokenizer, [{"role": "user", "content": m}]) for m in args.messages]
+    replies = generate_texts(model, tokenizer, prompts, args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p)
+    for message, reply in zip(args.messages, replies, strict=True):
+        if len(args.messages) > 1:
+            print(f"> {message}")
+        print(reply.strip())
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from lorakit.generate import chat_prompt, generate_texts, load_for_inference
+
+    _check(args)
+    model, tokenizer = load_for_inference(args.base, args.adapter)
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(opening)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    print("lorakit chat: /reset starts over, /exit leaves", file=sys.stderr)
+    while True:
+        try:
+            message = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if message in ("/exit", "/quit"):
+            return 0
+        if message == "/reset":
+            history = list(opening)
+            continue
+        if not message:
+            continue
+        history.append({"role": "user", "content": message})
+        print("model> ", end="", flush=True)
+        reply = generate_texts(model, tokenizer, [chat_prompt(tokenizer, history)], args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, streamer=streamer)[0]
+        history.append({"role": "assistant", "content": reply.strip()})

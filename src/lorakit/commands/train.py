@@ -1,0 +1,51 @@
+"""`lorakit train`: fine-tune a LoRA adapter from a YAML recipe, any field overridable by flag."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lorakit.train import config as train_config
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "train",
+        help="fine-tune a LoRA adapter on chat or prompt/completion JSONL",
+        description="Fine-tune a LoRA adapter. Settings come from --config (a YAML recipe such as "
+        "configs/smollm2-orders.yaml), then from flags, which override it. Writes the adapter (PEFT format), "
+        "metrics.jsonl, loss.png and checkpoints to --output. Loss is taken on assistant tokens (or the "
+        "completion) only.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="YAML recipe; its keys are the settings below")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output from its last checkpoint, exactly as if never stopped")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
+    parser.add_argument("--stop-after", type=int, metavar="STEPS",
+                        help="stop after this many optimizer steps in total, leaving a checkpoint to --resume "
+                        "(the schedule still spans the full run)")
+    settings = parser.add_argument_group("settings (override the recipe)")
+    train_config.add_arguments(settings)
+    parser.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lorakit.train.checkpoint import latest_checkpoint
+    from lorakit.train.loop import train
+
+    saved = None
+    if args.resume:  # the run's own settings, so `--resume --output DIR` alone is enough
+        output = train_config.from_sources(args.config, args).output
+        checkpoint = latest_checkpoint(Path(output))
+        saved = checkpoint.config if checkpoint else None
+    config = train_config.from_sources(args.config, args, saved)
+    result = train(config, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
+    if result.steps < result.total_steps:
+        print(f"stopped after step {result.steps}; continue with: lorakit train --resume "
+              f"--output {result.output}", file=sys.stderr)
+    else:
+        val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        print(f"adapter written to {result.output}{val}; curve in {result.output / 'loss.png'}")
+    return 0

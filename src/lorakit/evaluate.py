@@ -1,0 +1,121 @@
+"""Scoring a model on a split: exact match of generated answers and loss on the reference answers.
+
+An answer matches when it equals the reference: as parsed JSON objects when the reference is one
+(key order and spacing do not matter, values do), as text with outer whitespace stripped otherwise.
+The base model and the adapted one are scored on the same split, side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.adapters import disable_adapters
+from lorakit.data.records import read_records
+from lorakit.data.tokenize import prompt_text, reference_text, tokenize_record
+from lorakit.generate import generate_texts
+from lorakit.merge import merge, unmerge
+from lorakit.train.loss import evaluate_loss
+
+ANSWER_MARGIN = 16  # tokens allowed beyond the longest reference answer
+
+
+@dataclass
+class Score:
+    label: str
+    answers: list[str]
+    correct: list[bool]
+    loss: float
+
+    @property
+    def exact_match(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+
+def matches(answer: str, reference: str) -> bool:
+    expected = _json_object(reference)
+    if expected is not None:
+        return _json_object(answer) == expected
+    return answer.strip() == reference.strip()
+
+
+def _json_object(text: str) -> dict | None:
+    try:
+        value = json.loads(text.strip())
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def score_model(model: nn.Module, tokenizer, records: list[dict], label: str, batch_size: int = 16,
+                progress: bool = False, shown: list[int] = ()) -> Score:
+    """Exact match and loss of ``model`` on ``records``. When every reference is a JSON object,
+    answers that cannot become one are cut short (the score is the same, generation much faster);
+    the answers of the ``shown`` rows are then generated in full, for display."""
+    prompts = [prompt_text(r, tokenizer) for r in records]
+    references = [reference_text(r) for r in records]
+    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)
+    json_only = all(_json_object(ref) is not None for ref in references)
+    answers = generate_texts(model, tokenizer, prompts, longest + ANSWER_MARGIN, batch_size, progress=progress,
+                             json_only=json_only)
+    if json_only and shown:
+        full = generate_texts(model, tokenizer, [prompts[i] for i in shown], longest + ANSWER_MARGIN, batch_size)
+        for i, answer in zip(shown, full, strict=True):
+            answers[i] = answer
+    examples = [tokenize_record(r, tokenizer, max_length=1 << 20)[0] for r in records]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loss = evaluate_loss(model, examples, batch_size, pad_id, next(model.parameters()).device)
+    correct = [matches(a, ref) for a, ref in zip(answers, references, strict=True)]
+    return Score(label, answers, correct, loss)
+
+
+def compare_base_and_adapter(model: nn.Module, tokenizer, data: str | Path, limit: int | None = None,
+                             batch_size: int = 16, with_base: bool = True, examples: int = 3,
+                             progress: bool = False) -> tuple[list[dict], list[Score], list[int]]:
+    """(records, scores, shown): the adapter's score, preceded by the base model's (adapters
+    disabled), and the rows worth showing (the adapter's misses first). The adapter is merged for
+    its pass, so generation runs at the base model's speed; it is unmerged after."""
+    records = read_records(data)[:limit]
+    merge(model)
+    try:
+        adapter = score_model(model, tokenizer, records, "adapter", batch_size, progress)
+    finally:
+        unmerge(model)
+    # The adapter's misses first: they say more than its hits. (Its answers are shown as generated:
+    # one that did not open with "{" is cut short.)
+    shown = sorted(range(len(records)), key=lambda i: adapter.correct[i])[:examples]
+    scores = [adapter]
+    if with_base:
+        with disable_adapters(model):
+            scores.insert(0, score_model(model, tokenizer, records, "base model", batch_size, progress, shown))
+    return records, scores, shown
+
+
+def report(data: str | Path, records: list[dict], scores: list[Score], shown: list[int]) -> str:
+    lines = [f"{data}: {len(records)} examples", f"{'':<12}{'exact match':>18}{'loss':>10}"]
+    for s in scores:
+        lines.append(f"{s.label:<12}{sum(s.correct):>7}/{len(s.correct):<4}{100 * s.exact_match:>6.1f}%"
+                     f"{s.loss:>10.4f}")
+    for i in shown:
+        lines.append("")
+        lines.append(f"[{i}] prompt:    {_last_user_text(records[i])}")
+        lines.append(f"    expected:  {reference_text(records[i])}")
+        for s in scores:
+            mark = "ok " if s.correct[i] else "MISS"
+            lines.append(f"    {s.label:<11}{mark} {_one_line(s.answers[i])}")
+    return "\n".join(lines)
+
+
+def _last_user_text(record: dict) -> str:
+    if "messages" in record:
+        users = [m["content"] for m in record["messages"] if m["role"] == "user"]
+        return _one_line(users[-1] if users else "")
+    return _one_line(record["prompt"])
+
+
+def _one_line(text: str, width: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."

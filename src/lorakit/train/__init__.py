@@ -1,0 +1,1 @@
+"""Fine-tuning: the training loop, its configuration, checkpoints and resume, metrics and plots."""

@@ -1,0 +1,126 @@
+"""Checkpoints that a crash cannot corrupt, and that resume a run exactly.
+
+    OUTPUT/checkpoints/step-000050/  adapter (PEFT format), optimizer.safetensors, state.json
+    OUTPUT/checkpoints/latest        "step-000050", replaced atomically after the directory is complete
+
+A checkpoint directory is written under a temporary name and renamed into place; only then does
+``latest`` move to it, and only then are older checkpoints removed. A crash at any point leaves
+``latest`` naming a complete checkpoint. Everything is safetensors or JSON: nothing is unpickled.
+
+What makes resume exact: the adapter weights, AdamW's moments and step counts, the RNG states
+(dropout draws from them), and the step number. The data order and the learning rate are pure
+functions of (seed, step), so they need no saving.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.io.atomic import atomic_path, atomic_write_text
+from lorakit.io.peft_format import read_adapter, save_adapter
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+
+
+class CheckpointError(LorakitError):
+    """A checkpoint is missing, incomplete, or does not fit the run being resumed."""
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    config: dict  # the TrainConfig of the run, as saved
+    directory: Path
+
+
+def save_checkpoint(output: Path, model: nn.Module, slots: dict[str, nn.Parameter],
+                    optimizer: torch.optim.Optimizer, step: int, config: dict) -> Path:
+    root = output / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    tmp = root / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        save_adapter(model, tmp)
+        with atomic_path(tmp / OPTIMIZER_FILE) as path:
+            save_file(_optimizer_tensors(slots, optimizer), str(path))
+        atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, "config": config}, indent=2) + "\n")
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / LATEST, name + "\n")
+    for old in root.iterdir():  # older checkpoints and leftovers of crashed writes
+        if old.name not in (name, LATEST):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    return final
+
+
+def latest_checkpoint(output: Path) -> Checkpoint | None:
+    pointer = output / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    directory = output / CHECKPOINTS / pointer.read_text(encoding="utf-8").strip()
+    try:
+        state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+        return Checkpoint(int(state["step"]), state["config"], directory)
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{directory}: checkpoint is unreadable ({err}); "
+                              "start again without --resume") from None
+
+
+def restore(checkpoint: Checkpoint, slots: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    """Put the adapter weights, optimizer state and RNG states of ``checkpoint`` back in place."""
+    _, tensors = read_adapter(checkpoint.directory)
+    try:
+        saved = load_file(str(checkpoint.directory / OPTIMIZER_FILE))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{checkpoint.directory}: optimizer state unreadable ({err})") from None
+    if set(tensors) != set(slots):
+        raise CheckpointError(f"{checkpoint.directory}: the checkpoint's adapter does not match this model's")
+    with torch.no_grad():
+        for key, param in slots.items():
+            param.copy_(tensors[key])
+
+    state = optimizer.state_dict()
+    index = {key: i for i, key in enumerate(slots)}  # the optimizer was built over slots' values, in order
+    state["state"] = {}
+    for key, i in index.items():
+        moments = {part: saved[f"{key}::{part}"] for part in ("exp_avg", "exp_avg_sq", "step")
+                   if f"{key}::{part}" in saved}
+        if moments:
+            state["state"][i] = moments
+    optimizer.load_state_dict(state)
+
+    torch.set_rng_state(saved["rng::cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([saved[f"rng::cuda{d}"] for d in range(torch.cuda.device_count())
+                                      if f"rng::cuda{d}" in saved])
+
+
+def _optimizer_tensors(slots: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for key, param in slots.items():
+        for part, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{key}::{part}"] = value.detach().to("cpu", copy=True).contiguous()
+    tensors["rng::cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for d, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng::cuda{d}"] = rng
+    return tensors

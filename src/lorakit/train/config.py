@@ -1,0 +1,165 @@
+"""TrainConfig: every setting of a training run, read from a YAML recipe and overridable by flag.
+
+    lorakit train --config configs/smollm2-orders.yaml --lr 5e-4 --max-steps 200
+
+Each field below becomes a flag (``max_steps`` -> ``--max-steps``) whose help is the field's
+description. Precedence: flag, then YAML, then the default here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Fields that may differ when resuming: they change neither the maths nor the data order.
+RESUMABLE_CHANGES = frozenset({"eval_every", "save_every", "threads", "progress"})
+
+
+def _doc(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    base: str = _doc("base model: a model directory, a .gguf file, or 'smollm2' (the embedded default)", "smollm2")
+    train: str = _doc("training data: chat or prompt/completion JSONL", "data/orders/train.jsonl")
+    val: str | None = _doc("validation JSONL for periodic validation loss (empty: none)", "data/orders/val.jsonl")
+    output: str = _doc("directory for the adapter, checkpoints, metrics.jsonl and loss.png", "out/orders")
+    r: int = _doc("LoRA rank", 16)
+    alpha: float = _doc("LoRA alpha; the update is scaled by alpha / r", 32.0)
+    dropout: float = _doc("dropout on the adapters' input", 0.0)
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
+        "help": "modules to adapt: all-linear, or names such as q_proj v_proj"})
+    epochs: int = _doc("passes over the training data (when max_steps is 0)", 1)
+    max_steps: int = _doc("optimizer steps to take; 0 means epochs x steps per epoch", 0)
+    batch_size: int = _doc("examples per forward pass", 8)
+    grad_accum: int = _doc("forward passes per optimizer step (effective batch = batch_size x grad_accum)", 1)
+    lr: float = _doc("peak learning rate of AdamW", 1e-3)
+    weight_decay: float = _doc("AdamW weight decay on the adapter matrices", 0.0)
+    warmup_steps: int = _doc("steps of linear warm-up from 0 to lr", 10)
+    min_lr_ratio: float = _doc("the cosine decay ends at lr x this", 0.1)
+    max_grad_norm: float = _doc("clip the gradient's global norm to this (0: no clipping)", 1.0)
+    max_length: int = _doc("longest example in tokens; longer ones are truncated (with a warning)", 512)
+    eval_every: int = _doc("validate every N steps (0: only at the end)", 50)
+    save_every: int = _doc("checkpoint every N steps (0: only at the end)", 50)
+    seed: int = _doc("seed for adapter init, data order and dropout", 0)
+    gradient_checkpointing: bool = _doc("recompute activations in backward: less memory, ~30% slower", False)
+    dtype: str = _doc("dtype of the frozen base: float32, bfloat16 or float16 (adapters train in float32)", "float32")
+    threads: int = _doc("CPU threads for torch (0: torch's default)", 0)
+    progress: bool = _doc("draw a progress bar", True)
+
+    def __post_init__(self) -> None:
+        positive = ("r", "epochs", "batch_size", "grad_accum", "max_length")
+        for name in positive:
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "seed", "threads"):
+            _check_int(name, getattr(self, name), minimum=0)
+        for name in ("alpha", "lr"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0 or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        for name in ("dropout", "weight_decay", "min_lr_ratio", "max_grad_norm"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        if self.min_lr_ratio > 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ConfigError("target_modules must be 'all-linear' or a list of module names")
+        self.val = self.val or None
+
+    def lora_targets(self) -> str | tuple[str, ...]:
+        """target_modules in LoraConfig's form."""
+        if self.target_modules == ["all-linear"]:
+            return "all-linear"
+        return tuple(self.target_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def changed_fields(self, other: TrainConfig) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A recipe's fields, checked against TrainConfig's names."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of setting: value")
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; "
+                          f"valid settings: {', '.join(sorted(types))}")
+    for name, value in data.items():
+        if types[name] == "float" and isinstance(value, str):
+            data[name] = _yaml_float(path, name, value)
+    return data
+
+
+def _yaml_float(path: Path, name: str, text: str) -> float:
+    # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number it obviously is.
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{path}: {name} must be a number, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field. Defaults are None, so only flags given on the command line override."""
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        shown = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        text = f"{f.metadata['help']} (default: {_show(shown)})"
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.type.startswith("list"):
+            parser.add_argument(flag, nargs="+", default=None, metavar="NAME", help=text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=text)
+
+
+def from_sources(yaml_path: str | Path | None, args: argparse.Namespace | None,
+                 saved: dict[str, Any] | None = None) -> TrainConfig:
+    """Flags over YAML over ``saved`` (a resumed run's settings) over the defaults."""
+    values = dict(saved or {})
+    values.update(load_yaml(yaml_path) if yaml_path else {})
+    if args is not None:
+        values.update({f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                       if getattr(args, f.name, None) is not None})
+    return TrainConfig(**values)
+
+
+def _show(value: Any) -> str:
+    return " ".join(value) if isinstance(value, list) else str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,204 @@
+"""The training loop: read top to bottom, it is the whole of `lorakit train`.
+
+Loss normalisation: each optimizer step minimises the mean cross-entropy over every target token
+of its ``grad_accum`` batches (each micro-batch's loss sum is divided by the step's total token
+count), so accumulation gives the gradient a single large batch would, whatever the batches'
+lengths.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.adapters import mark_only_lora_as_trainable
+from lorakit.config import LoraConfig
+from lorakit.data.batches import Batch, collate, epoch_batches
+from lorakit.data.tokenize import tokenize_file
+from lorakit.errors import ConfigError
+from lorakit.inject import inject
+from lorakit.io.base_model import load_base
+from lorakit.io.peft_format import adapter_slots, save_adapter
+from lorakit.train.checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    latest_checkpoint,
+    restore,
+    save_checkpoint,
+)
+from lorakit.train.config import RESUMABLE_CHANGES, TrainConfig
+from lorakit.train.loss import evaluate_loss, loss_sum
+from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
+
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int  # optimizer steps done in all, counting those before a resume
+    total_steps: int
+    losses: list[float]  # training loss of each step taken in this call
+    val_loss: float | None
+
+
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
+          stop_after: int | None = None) -> TrainResult:
+    """Fine-tune ``config.base`` on ``config.train`` and write the adapter to ``config.output``.
+    ``stop_after`` ends the run after that many optimizer steps in total (a checkpoint is left to
+    resume from), without changing the schedule."""
+    output = Path(config.output)
+    checkpoint = _checkpoint_to_resume(output, config) if resume else None
+    if checkpoint is None:
+        _refuse_to_clobber(output, overwrite)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    model, tokenizer = load_base(config.base, getattr(torch, config.dtype))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_set = tokenize_file(config.train, tokenizer, config.max_length)
+    val_set = tokenize_file(config.val, tokenizer, config.max_length) if config.val else []
+
+    lora = LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=config.lora_targets(),
+                      base_model_name_or_path=str(model.name_or_path), task_type="CAUSAL_LM")
+    model = inject(model, lora, name=ADAPTER_NAME).to(device)
+    mark_only_lora_as_trainable(model)
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    slots = adapter_slots(model, ADAPTER_NAME)  # file key -> Parameter: what trains, is saved and checkpointed
+    optimizer = torch.optim.AdamW(slots.values(), lr=config.lr, weight_decay=config.weight_decay)
+
+    lengths = [len(e) for e in train_set]
+    per_epoch = math.ceil(len(train_set) / config.batch_size)
+    total_steps = config.max_steps or math.ceil(config.epochs * per_epoch / config.grad_accum)
+    start = 0
+    if checkpoint is not None:
+        restore(checkpoint, slots, optimizer)
+        start = checkpoint.step
+    output.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(output, resume_step=start if checkpoint else None)
+    end = min(total_steps, stop_after) if stop_after is not None else total_steps
+
+    def batch_at(index: int) -> Batch:
+        """The index-th micro-batch of the run: a pure function of (seed, index)."""
+        epoch, position = divmod(index, per_epoch)
+        rows = epoch_batches(lengths, config.batch_size, config.seed, epoch)[position]
+        return collate([train_set[i] for i in rows], pad_id).to(device)
+
+    if config.progress:
+        print(_summary(model, len(train_set), total_steps, config, device), file=sys.stderr)
+    bar = _progress(config, total_steps, start)
+    losses: list[float] = []
+    val_loss = None
+    model.train()
+    for step in range(start, end):
+        started = time.perf_counter()
+        lr = config.lr * lr_factor(step, total_steps, config.warmup_steps, config.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = [batch_at(step * config.grad_accum + k) for k in range(config.grad_accum)]
+        target_tokens = sum(b.loss_tokens for b in batches)
+        step_loss = 0.0
+        for batch in batches:
+            loss = loss_sum(model, batch) / max(target_tokens, 1)
+            loss.backward()
+            step_loss += loss.item()
+        grad_norm = _clip(slots.values(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        seconds = time.perf_counter() - started
+        tokens = sum(int(b.attention_mask.sum()) for b in batches)
+        losses.append(step_loss)
+        metrics.write({"step": step + 1, "epoch": round((step + 1) * config.grad_accum / per_epoch, 4),
+                       "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                       "target_tokens": target_tokens, "tokens_per_s": round(tokens / seconds, 1)})
+        done = step + 1
+        if val_set and (done == total_steps or (config.eval_every and done % config.eval_every == 0)):
+            val_loss = evaluate_loss(model, val_set, config.batch_size, pad_id, device)
+            metrics.write({"step": done, "val_loss": val_loss})
+        if done == end or (config.save_every and done % config.save_every == 0):
+            save_checkpoint(output, model, slots, optimizer, done, config.to_dict())
+        if bar is not None:
+            bar.set_postfix_str(_postfix(losses, val_loss, tokens / seconds), refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    if end == total_steps:
+        save_adapter(model, output, ADAPTER_NAME)
+    plot_losses(output / METRICS_FILE, output / PLOT_FILE)
+    return TrainResult(output, end, total_steps, losses, val_loss)
+
+
+def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to ``floor`` at the last step."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(total - warmup - 1, 1)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _clip(params, max_norm: float) -> float:
+    params = [p for p in params if p.grad is not None]
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+
+
+def _checkpoint_to_resume(output: Path, config: TrainConfig):
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is None:
+        raise CheckpointError(f"{output}: no checkpoint to resume from; run without --resume to start")
+    saved = TrainConfig(**checkpoint.config)
+    changed = [name for name in config.changed_fields(saved) if name not in RESUMABLE_CHANGES]
+    if changed:
+        details = ", ".join(f"{n} (checkpoint {getattr(saved, n)!r}, now {getattr(config, n)!r})" for n in changed)
+        raise ConfigError(f"cannot resume with changed settings: {details}; resume with the original "
+                          "settings or start a new run in another --output")
+    return checkpoint
+
+
+def _refuse_to_clobber(output: Path, overwrite: bool) -> None:
+    if overwrite:  # a stale checkpoint must not be resumed later as if it were this run's
+        shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
+        return
+    previous = [p.name for p in (output / METRICS_FILE, output / CHECKPOINTS, output / "adapter_model.safetensors")
+                if p.exists()]
+    if previous:
+        raise ConfigError(f"{output} already holds a run ({', '.join(previous)}); pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another --output")
+
+
+def _progress(config: TrainConfig, total: int, start: int):
+    if not config.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def _postfix(losses: list[float], val_loss: float | None, tokens_per_s: float) -> str:
+    recent = losses[-10:]
+    text = f"loss {sum(recent) / len(recent):.4f}"
+    if val_loss is not None:
+        text += f", val {val_loss:.4f}"
+    return text + f", {tokens_per_s:,.0f} tok/s"
+
+
+def _summary(model: nn.Module, examples: int, total_steps: int, config: TrainConfig, device: torch.device) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    everything = sum(p.numel() for p in model.parameters())
+    return (f"lorakit: training {trainable / 1e6:.2f}M adapter parameters ({100 * trainable / everything:.2f}% "
+            f"of {everything / 1e6:.0f}M) on {examples} examples for {total_steps} steps of "
+            f"{config.batch_size}x{config.grad_accum} on {device}")

@@ -1,0 +1,75 @@
+"""Training metrics: one JSON object per line in OUTPUT/metrics.jsonl, and a loss-curve PNG.
+
+Lines are {"step", "loss", "lr", "grad_norm", "tokens_per_s", ...} for training steps and
+{"step", "val_loss"} for validations. On resume the file is cut back to the checkpoint's step,
+so it always reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lorakit.io.atomic import atomic_path, atomic_write_text
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class MetricsLog:
+    def __init__(self, output: Path, resume_step: int | None) -> None:
+        self.path = output / METRICS_FILE
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step is not None else []
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
+    """Training loss (raw and smoothed) and validation loss against the step. None when there is
+    nothing to plot or matplotlib is not installed (it is an optional dependency)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    steps, losses = zip(*train, strict=True)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train (per step)")
+    ax.plot(steps, _smoothed(losses), color="tab:blue", linewidth=2, label="train (smoothed)")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", color="tab:orange", linewidth=2, label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per target token)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return png_path
+
+
+def _smoothed(values: tuple[float, ...], weight: float = 0.9) -> list[float]:
+    """Exponential moving average, bias-corrected so the first points are not pulled to zero."""
+    out, avg = [], 0.0
+    for i, value in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * value
+        out.append(avg / (1 - weight**i))
+    return out

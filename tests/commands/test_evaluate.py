@@ -1,0 +1,51 @@
+"""`lorakit eval` and `lorakit generate` on a tiny trained adapter."""
+
+import pytest
+
+from lorakit.cli import main
+from lorakit.data import orders
+from lorakit.evaluate import matches
+from lorakit.train.config import TrainConfig
+from lorakit.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_base_dir):
+    directory = tmp_path_factory.mktemp("trained")
+    orders.write_splits(directory, {"train": 8, "test": 5})
+    train(TrainConfig(base=str(tiny_base_dir), train=str(directory / "train.jsonl"), val=None,
+                      output=str(directory / "adapter"), r=4, max_steps=3, batch_size=4, progress=False))
+    return directory
+
+
+def test_eval_scores_base_and_adapter_side_by_side(trained, tiny_base_dir, capsys):
+    assert main(["eval", "--adapter", str(trained / "adapter"), "--base", str(tiny_base_dir),
+                 "--data", str(trained / "test.jsonl"), "--examples", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{trained / 'test.jsonl'}: 5 examples"
+    assert out[2].startswith("base model") and out[3].startswith("adapter")
+    assert "/5" in out[2] and "/5" in out[3]
+    assert sum(line.startswith("    expected:") for line in out) == 2
+
+
+def test_generate_replies_with_the_adapter(trained, tiny_base_dir, capsys):
+    assert main(["generate", "--adapter", str(trained / "adapter"), "--base", str(tiny_base_dir),
+                 "--max-new-tokens", "4", "one pizza", "two pizzas"]) == 0
+    out = capsys.readouterr().out
+    assert "> one pizza" in out and "> two pizzas" in out
+
+
+def test_bad_generation_settings_are_one_line(tiny_base_dir, capsys):
+    assert main(["generate", "--base", str(tiny_base_dir), "--top-p", "0", "hi"]) == 2
+    assert capsys.readouterr().err.startswith("error: --max-new-tokens must be")
+
+
+@pytest.mark.parametrize(("answer", "reference", "expected"), [
+    ('{"a": 1, "b": null}', '{"b": null, "a": 1}', True),  # JSON: key order and spacing do not matter
+    ('{"a": 1}', '{"a": 2}', False),
+    ('{"a": 1} trailing', '{"a": 1}', False),
+    ("  Paris\n", "Paris", True),  # text: outer whitespace does not matter
+    ("paris", "Paris", False),
+])
+def test_exact_match(answer, reference, expected):
+    assert matches(answer, reference) is expected

@@ -1,0 +1,56 @@
+"""`lorakit train` from the command line: recipe plus flags, resume by output alone, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lorakit.cli import main
+from lorakit.data import orders
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, tiny_base_dir):
+    directory = tmp_path_factory.mktemp("recipe")
+    orders.write_splits(directory, {"train": 16, "val": 4})
+    path = directory / "tiny.yaml"
+    path.write_text(f"base: {tiny_base_dir}\ntrain: {directory / 'train.jsonl'}\nval: {directory / 'val.jsonl'}\n"
+                    "r: 4\nmax_steps: 4\nbatch_size: 4\nlr: 1e-2\nwarmup_steps: 1\nsave_every: 0\n", encoding="utf-8")
+    return path
+
+
+def test_train_writes_the_adapter_and_resume_needs_only_the_output(recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(recipe), "--output", str(out), "--no-progress", "--stop-after", "2"]) == 0
+    assert f"lorakit train --resume --output {out}" in capsys.readouterr().err
+    assert main(["train", "--resume", "--output", str(out), "--no-progress"]) == 0
+    assert f"adapter written to {out}" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 4]  # four training steps, then the final validation
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.parametrize(("bad_line", "problem"), [
+    ('{"messages": [{"role": "user", "content": "hi"}]', "bad.jsonl:2: not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "bad.jsonl:2: no assistant message"),
+])
+def test_bad_data_is_one_line_naming_file_and_line(recipe, tmp_path, bad_line, problem):
+    bad = tmp_path / "bad.jsonl"
+    good = (recipe.parent / "train.jsonl").read_text().splitlines()[0]
+    bad.write_text(f"{good}\n{bad_line}\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "lorakit", "train", "--config", str(recipe), "--train", str(bad),
+                             "--output", str(tmp_path / "o"), "--no-progress"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and problem in error_lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--config", "--resume", "--max-steps", "--grad-accum", "--gradient-checkpointing", "--lr"):
+        assert flag in text

@@ -1,0 +1,88 @@
+"""The training loop on a tiny random Llama (with SmolLM2's tokenizer): loss falls, resume is exact,
+checkpoints and metrics are written, and previous runs are not clobbered."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.data import orders
+from lorakit.errors import ConfigError
+from lorakit.train.checkpoint import CheckpointError, latest_checkpoint
+from lorakit.train.config import TrainConfig
+from lorakit.train.loop import lr_factor, train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("orders")
+    orders.write_splits(directory, {"train": 24, "val": 6, "test": 6})
+    return directory
+
+
+def _config(tiny_base_dir, data_dir, output, **changes):
+    settings = {"base": str(tiny_base_dir), "train": str(data_dir / "train.jsonl"), "val": str(data_dir / "val.jsonl"),
+                "output": str(output), "r": 4, "alpha": 8, "dropout": 0.1, "max_steps": 6, "batch_size": 4,
+                "lr": 1e-2, "warmup_steps": 2, "eval_every": 3, "save_every": 0, "progress": False}
+    return TrainConfig(**{**settings, **changes})
+
+
+def _metrics(output):
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+
+
+def test_loss_falls_and_the_run_leaves_adapter_metrics_and_plot(tiny_base_dir, data_dir, tmp_path):
+    result = train(_config(tiny_base_dir, data_dir, tmp_path, max_steps=30, dropout=0.0, lr=3e-2))
+    first, last = result.losses[0], sum(result.losses[-3:]) / 3
+    assert last < 0.75 * first, result.losses
+    for name in ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "loss.png"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = _metrics(tmp_path)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 31))
+    assert [r["step"] for r in records if "val_loss" in r] == list(range(3, 31, 3))
+    assert all(r["target_tokens"] < r["tokens"] for r in records if "loss" in r)  # prompt tokens carry no loss
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_base_dir, data_dir, tmp_path):
+    whole = train(_config(tiny_base_dir, data_dir, tmp_path / "whole"))
+    stopped = train(_config(tiny_base_dir, data_dir, tmp_path / "split"), stop_after=3)
+    assert stopped.steps == 3 and latest_checkpoint(tmp_path / "split").step == 3
+    assert not (tmp_path / "split" / "adapter_model.safetensors").exists()  # no final adapter before the end
+    resumed = train(_config(tiny_base_dir, data_dir, tmp_path / "split"), resume=True)
+
+    assert stopped.losses + resumed.losses == whole.losses  # bit for bit: dropout RNG and AdamW state restored
+    assert _metrics(tmp_path / "split") == _metrics(tmp_path / "whole")
+    a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "split" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_keep_only_the_latest_complete_one(tiny_base_dir, data_dir, tmp_path):
+    train(_config(tiny_base_dir, data_dir, tmp_path, save_every=2, eval_every=0))
+    entries = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert entries == ["latest", "step-000006"]
+    files = sorted(p.name for p in (tmp_path / "checkpoints" / "step-000006").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "state.json"]
+
+
+def test_a_previous_run_is_not_clobbered_and_resume_refuses_changed_settings(tiny_base_dir, data_dir, tmp_path):
+    train(_config(tiny_base_dir, data_dir, tmp_path, max_steps=2))
+    with pytest.raises(ConfigError, match="already holds a run.*--resume.*--overwrite"):
+        train(_config(tiny_base_dir, data_dir, tmp_path, max_steps=2))
+    with pytest.raises(ConfigError, match=r"cannot resume with changed settings: lr \(checkpoint 0.01, now 0.02\)"):
+        train(_config(tiny_base_dir, data_dir, tmp_path, max_steps=2, lr=2e-2), resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        train(_config(tiny_base_dir, data_dir, tmp_path / "fresh"), resume=True)
+    train(_config(tiny_base_dir, data_dir, tmp_path, max_steps=1), overwrite=True)
+    assert latest_checkpoint(tmp_path).step == 1
+
+
+def test_the_schedule_warms_up_then_decays_to_the_floor():
+    factors = [lr_factor(s, total=20, warmup=4, floor=0.1) for s in range(20)]
+    assert factors[:4] == [0.2, 0.4, 0.6, 0.8]
+    assert factors[4] == 1.0 and factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
