@@ -18,14 +18,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: fine-tune SmolLM2-135M-Instruct on the orders task on the CPU, then score base vs adapter.
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/lorakit train --config configs/smollm2-orders.yaml --overwrite
+	$(VENV)/bin/lorakit eval --adapter out/orders --data data/orders/test.jsonl
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/lora_overhead.py
+	$(PY) bench/train_step.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

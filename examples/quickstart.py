@@ -1,7 +1,7 @@
 """lorakit in one page: inject, train only the adapter, save it, load it back, merge it.
 
 Runs on a CPU in seconds on a small random Llama (the same code works on any transformers
-model). Run it with `make demo` or `python examples/quickstart.py`.
+model). Run it with `.venv/bin/python examples/quickstart.py`.
 """
 
 import tempfile

@@ -130,7 +130,13 @@ def injected(case: Case, r: int = 4, alpha: float = 8, **kwargs) -> nn.Module:
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    """The real SmolLM2 tokenizer and chat template (from the embedded base, via lorakit's cache)."""
+    """The real SmolLM2 tokenizer and chat template: from the embedded base (via lorakit's cache), or
+    from the directory $LORAKIT_TEST_TOKENIZER names, on a machine without the embedded base."""
+    directory = os.environ.get("LORAKIT_TEST_TOKENIZER")
+    if directory:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(directory)
     from lorakit.io.base_model import load_base
 
     return load_base()[1]

@@ -21,22 +21,41 @@ from lorakit.io.atomic import atomic_write_text
 SPLIT_SIZES = {"train": 2000, "val": 100, "test": 200}
 SEED = 20261122
 
-# Items are built as modifiers + a food noun, so training shows hundreds of distinct items and the
-# model learns to copy and singularise the phrase rather than memorise a menu. Train and test share
-# no food noun: every test item is new as a whole. Nouns are (singular, plural).
-TRAIN_NOUNS = [
-    ("pizza", "pizzas"), ("burrito", "burritos"), ("burger", "burgers"), ("latte", "lattes"),
-    ("muffin", "muffins"), ("sandwich", "sandwiches"), ("taco", "tacos"), ("croissant", "croissants"),
-    ("smoothie", "smoothies"), ("donut", "donuts"), ("salad", "salads"), ("pie", "pies"),
-    ("hot dog", "hot dogs"), ("bagel", "bagels"), ("milkshake", "milkshakes"), ("wrap", "wraps"),
-    ("quesadilla", "quesadillas"), ("bowl", "bowls"), ("tart", "tarts"), ("cookie", "cookies"),
-    ("roll", "rolls"), ("melt", "melts"), ("slider", "sliders"), ("box", "boxes"), ("parfait", "parfaits"),
-    ("waffle", "waffles"), ("crepe", "crepes"), ("bun", "buns"), ("baguette", "baguettes"),
-    ("pastry", "pastries"), ("cupcake", "cupcakes"), ("soda", "sodas"), ("espresso", "espressos"),
-    ("soup", "soups"), ("flatbread", "flatbreads"), ("lasagna", "lasagnas"), ("omelette", "omelettes"),
-    ("nacho platter", "nacho platters"), ("curry", "curries"), ("loaf", "loaves"), ("peach", "peaches"),
-    ("brioche", "brioches"), ("cappuccino", "cappuccinos"), ("sub", "subs"), ("meatball", "meatballs"),
-]
+def plural_of(noun: str) -> str:
+    """English plural of the nouns used here (not of every English noun)."""
+    if noun.endswith(("s", "x", "ch", "sh")) or noun in ("potato", "tomato"):
+        return noun + "es"
+    if noun.endswith("y") and noun[-2] not in "aeiou":
+        return noun[:-1] + "ies"
+    if noun.endswith("f"):
+        return noun[:-1] + "ves"
+    return noun + "s"
+
+
+# Items are built as modifiers + a noun, so training shows thousands of distinct items and the model
+# learns to copy and singularise the phrase rather than memorise a menu. Train and test share no
+# noun: every test item is new as a whole. Shops sell more than food, so neither do the nouns.
+TRAIN_NOUNS = [(noun, plural_of(noun)) for noun in """
+    pizza burrito burger latte muffin sandwich taco croissant smoothie donut salad pie bagel milkshake
+    wrap quesadilla bowl tart cookie roll melt slider box parfait waffle crepe bun baguette pastry
+    cupcake soda espresso soup flatbread lasagna omelette curry peach brioche cappuccino sub meatball
+    noodle cake cheesecake biscuit cracker sausage pickle potato tomato mango cherry lemon lime apple
+    pear plum melon avocado carrot onion pepper cucumber radish bean lentil
+    candle notebook pencil marker eraser stapler folder envelope battery charger cable lamp bulb mug
+    cup plate glass bottle jar towel blanket pillow sock glove scarf hat shirt jacket umbrella backpack
+    wallet watch ring bracelet necklace brush comb razor sponge bucket hammer wrench drill screwdriver
+    nail bolt rope ladder tile brick plank chair stool table shelf basket crate tray vase frame poster
+    sticker puzzle kite ball racket helmet skateboard ticket voucher rose tulip daisy orchid cactus fern
+    bao arepa tamale samosa strudel eclair profiterole beignet churro knish latke bruschetta focaccia
+    pupusa tostada gordita chimichanga enchilada fajita burek pastel onigiri katsu tempura yakitori
+    bibimbap pho ramekin souffle clafoutis madeleine financier palmier kouign-amann babka
+    challah bialy rugelach hamantasch baklava halva lokum mochi daifuku dorayaki taiyaki
+    mooncake tteok kimbap laksa rendang satay lumpia siopao ensaimada pandesal empanadita coxinha
+    pastizzi ftira borek gozleme lahmacun pide manti khachapuri pelmeni vareniki syrniki
+    kolache kringle stollen lebkuchen pfeffernuss speculoos stroopwafel oliebol poffertje frikandel
+    gadget widget sprocket gizmo doohickey thermos kettle skillet ladle spatula whisk colander grater
+    teapot saucer goblet tumbler flask canteen lantern torch compass binocular tripod easel canvas
+""".split()]
 TEST_NOUNS = [
     ("calzone", "calzones"), ("empanada", "empanadas"), ("dumpling", "dumplings"), ("frappe", "frappes"),
     ("turnover", "turnovers"), ("pretzel", "pretzels"), ("kebab", "kebabs"), ("scone", "scones"),

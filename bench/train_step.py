@@ -1,0 +1,149 @@
+"""Supervised fine-tuning step, lorakit vs PEFT: the real SmolLM2-135M-Instruct on the orders task.
+
+Same model (the embedded SmolLM2 weights), same batches (orders training examples in SmolLM2's
+chat template, loss on the assistant tokens only, length-bucketed batches of --batch), same LoRA
+settings (r=16, alpha=32, all linear layers), same AdamW. lorakit's step is `lorakit train`'s:
+the output head only where a token carries loss. PEFT's is the standard one:
+`model(input_ids, attention_mask, labels).loss`. Both minimise the same mean loss per target token.
+
+Each measurement is one child process (so peak memory is that library's alone), the libraries
+alternating in one run so machine noise hits both alike. Reports median step time and peak memory
+in use above the loaded model, as lorakit / PEFT ratios; writes bench/results/train_step.md.
+
+    python bench/train_step.py [--trials 3] [--steps 4] [--batch 8] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.common import PeakMemory, write_table
+
+LIBRARIES = ("lorakit", "peft")
+DATA = ROOT / "data" / "orders" / "train.jsonl"
+
+
+def worker(library: str, args: argparse.Namespace) -> dict:
+    from lorakit.data.batches import collate, epoch_batches
+    from lorakit.data.tokenize import tokenize_file
+    from lorakit.io.base_model import load_base
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model, tokenizer = load_base(args.base)
+    model = model.to(device)
+    examples = tokenize_file(DATA, tokenizer, max_length=256)
+    rows = epoch_batches([len(e) for e in examples], args.batch, seed=0, epoch=0)[: args.steps + 1]
+    batches = [collate([examples[i] for i in r], tokenizer.pad_token_id).to(device) for r in rows]
+
+    if library == "lorakit":
+        import lorakit
+        from lorakit.train.loss import loss_sum
+
+        lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+        lorakit.mark_only_lora_as_trainable(model)
+        params = list(lorakit.lora_parameters(model))
+
+        def loss_of(batch):
+            return loss_sum(model, batch) / batch.loss_tokens
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def loss_of(batch):
+            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+
+    model.config.use_cache = False
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(batch) -> float:
+        loss = loss_of(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    times = []
+    with PeakMemory(device) as memory:
+        first_loss = step(batches[0])  # warm-up, untimed: the first step also creates AdamW's state
+        for batch in batches[1:]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    tokens = sum(int(b.attention_mask.sum()) for b in batches[1:])
+    return {"times": times, "first_loss": first_loss, "peak": memory.peak, "tokens": tokens,
+            "trainable": sum(p.numel() for p in params)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=3, help="child processes per library, alternating")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per child, after one warm-up step")
+    parser.add_argument("--batch", type=int, default=8, help="examples per step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--base", default="smollm2", help="base model (default: the embedded SmolLM2)")
+    parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return
+
+    results: dict[str, list[dict]] = {lib: [] for lib in LIBRARIES}
+    for trial in range(args.trials):
+        for lib in LIBRARIES if trial % 2 == 0 else LIBRARIES[::-1]:
+            cmd = [sys.executable, __file__, "--worker", lib, "--steps", str(args.steps), "--batch", str(args.batch),
+                   "--device", args.device, "--base", args.base]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[lib].append(json.loads(out.strip().splitlines()[-1]))
+            r = results[lib][-1]
+            print(f"trial {trial + 1}/{args.trials} {lib:8s} median step {statistics.median(r['times']):.3f}s "
+                  f"peak +{r['peak'] / 2**20:.0f} MiB", flush=True)
+
+    summary = {}
+    for lib, runs in results.items():
+        step = statistics.median(t for r in runs for t in r["times"])
+        summary[lib] = {"step": step, "peak": statistics.median(r["peak"] for r in runs),
+                        "tokens_per_s": runs[0]["tokens"] / args.steps / step, "trainable": runs[0]["trainable"],
+                        "first_loss": runs[0]["first_loss"]}
+    ours, theirs = summary["lorakit"], summary["peft"]
+    assert ours["trainable"] == theirs["trainable"], "the two libraries must train the same parameters"
+    # Same objective, weights and batch: the first loss must agree up to float rounding. (Later
+    # steps drift apart by rounding amplified through training, more so on a GPU.)
+    worst = abs(ours["first_loss"] - theirs["first_loss"]) / abs(theirs["first_loss"])
+    assert worst < 1e-4, f"lorakit and PEFT losses differ by {worst:.2e} (relative)"
+    rows = [[lib, f"{s['step'] * 1000:.0f} ms", f"{s['tokens_per_s']:,.0f}", f"{s['peak'] / 2**20:.0f} MiB",
+             f"{s['trainable']:,}"] for lib, s in summary.items()]
+    rows.append(["**lorakit / PEFT**", f"**{ours['step'] / theirs['step']:.3f}x**", "",
+                 f"**{ours['peak'] / theirs['peak']:.3f}x**", ""])
+    command = (f"python bench/train_step.py --trials {args.trials} --steps {args.steps} --batch {args.batch} "
+               f"--device {args.device}" + (f" --base {args.base}" if args.base != "smollm2" else ""))
+    model = "SmolLM2-135M-Instruct" if args.base == "smollm2" else Path(args.base).name
+    path = write_table(
+        f"train_step_{args.device}", f"Fine-tuning step: lorakit vs PEFT ({model}, orders task, {args.device})", command,
+        ["library", "median step", "tokens/s", "peak memory above model", "trainable params"], rows,
+        notes=f"r=16, alpha=32, all linear layers; batches of {args.batch} orders examples (length-bucketed, loss on "
+              f"assistant tokens only); forward + backward + AdamW step; {args.trials} alternating child processes x "
+              f"{args.steps} steps each. First-step losses agree within {worst:.1e} relative.",
+    )
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
