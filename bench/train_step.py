@@ -6,7 +6,8 @@ settings (r=16, alpha=32, all linear layers), same AdamW. lorakit's step is `lor
 the output head only where a token carries loss. PEFT's is the standard one:
 `model(input_ids, attention_mask, labels).loss`. Both minimise the same mean loss per target token.
 
-Each measurement is one child process (so peak memory is that library's alone), the libraries
+Steps are timed first, then peak memory is read over one more step (the longest batch). Each
+measurement is one child process (so peak memory is that library's alone), the libraries
 alternating in one run so machine noise hits both alike. Reports median step time and peak memory
 in use above the loaded model, as lorakit / PEFT ratios; writes bench/results/train_step.md.
 
@@ -77,16 +78,19 @@ def worker(library: str, args: argparse.Namespace) -> dict:
         return loss.item()
 
     times = []
+    first_loss = step(batches[0])  # warm-up, untimed: the first step also creates AdamW's state
+    for batch in batches[1:]:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    # Memory in a step of its own: on CPU, PeakMemory polls malloc's counters from a thread, which
+    # contends for the allocator and would slow the timed steps.
     with PeakMemory(device) as memory:
-        first_loss = step(batches[0])  # warm-up, untimed: the first step also creates AdamW's state
-        for batch in batches[1:]:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step(batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+        step(max(batches[1:], key=lambda b: b.input_ids.numel()))
     tokens = sum(int(b.attention_mask.sum()) for b in batches[1:])
     return {"times": times, "first_loss": first_loss, "peak": memory.peak, "tokens": tokens,
             "trainable": sum(p.numel() for p in params)}

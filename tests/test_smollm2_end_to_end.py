@@ -15,7 +15,7 @@ def test_a_few_steps_on_the_real_model_lower_the_loss_on_unseen_examples(tmp_pat
     assert "adapter written to" in capsys.readouterr().out
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert config["r"] == 16 and len(config["target_modules"]) == 7
+    assert config["r"] == 16 and len(config["target_modules"]) == 30 * 7  # every linear layer, by name
 
     model, tokenizer = load_for_inference("smollm2", out)
     _, (base, adapter), _ = compare_base_and_adapter(model, tokenizer, "data/orders/test.jsonl", limit=8,

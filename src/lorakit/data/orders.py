@@ -35,7 +35,7 @@ def plural_of(noun: str) -> str:
 # Items are built as modifiers + a noun, so training shows thousands of distinct items and the model
 # learns to copy and singularise the phrase rather than memorise a menu. Train and test share no
 # noun: every test item is new as a whole. Shops sell more than food, so neither do the nouns.
-TRAIN_NOUNS = [(noun, plural_of(noun)) for noun in """
+_TRAIN_NOUN_WORDS = """
     pizza burrito burger latte muffin sandwich taco croissant smoothie donut salad pie bagel milkshake
     wrap quesadilla bowl tart cookie roll melt slider box parfait waffle crepe bun baguette pastry
     cupcake soda espresso soup flatbread lasagna omelette curry peach brioche cappuccino sub meatball
@@ -55,7 +55,8 @@ TRAIN_NOUNS = [(noun, plural_of(noun)) for noun in """
     kolache kringle stollen lebkuchen pfeffernuss speculoos stroopwafel oliebol poffertje frikandel
     gadget widget sprocket gizmo doohickey thermos kettle skillet ladle spatula whisk colander grater
     teapot saucer goblet tumbler flask canteen lantern torch compass binocular tripod easel canvas
-""".split()]
+"""
+TRAIN_NOUNS = [(noun, plural_of(noun)) for noun in _TRAIN_NOUN_WORDS.split()]
 TEST_NOUNS = [
     ("calzone", "calzones"), ("empanada", "empanadas"), ("dumpling", "dumplings"), ("frappe", "frappes"),
     ("turnover", "turnovers"), ("pretzel", "pretzels"), ("kebab", "kebabs"), ("scone", "scones"),

@@ -66,7 +66,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
     return png_path
 
 
-def _smoothed(values: tuple[float, ...], weight: float = 0.9) -> list[float]:
+def _smoothed(values: tuple[float, ...], weight: float = 0.8) -> list[float]:
     """Exponential moving average, bias-corrected so the first points are not pulled to zero."""
     out, avg = [], 0.0
     for i, value in enumerate(values, start=1):
