@@ -49,3 +49,12 @@ def test_bad_generation_settings_are_one_line(tiny_base_dir, capsys):
 ])
 def test_exact_match(answer, reference, expected):
     assert matches(answer, reference) is expected
+
+
+def test_chat_keeps_a_conversation_until_exit(trained, tiny_base_dir, monkeypatch, capsys):
+    lines = iter(["one pizza", "/reset", "two pizzas", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--adapter", str(trained / "adapter"), "--base", str(tiny_base_dir),
+                 "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.count("model> ") == 2
+    assert next(lines, None) is None  # every line was read, and /exit ended the session

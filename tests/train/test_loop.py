@@ -86,3 +86,10 @@ def test_the_schedule_warms_up_then_decays_to_the_floor():
     assert factors[:4] == [0.2, 0.4, 0.6, 0.8]
     assert factors[4] == 1.0 and factors[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
+
+
+def test_gradient_checkpointing_changes_memory_not_the_maths(tiny_base_dir, data_dir, tmp_path):
+    plain = train(_config(tiny_base_dir, data_dir, tmp_path / "plain", max_steps=3, dropout=0.0))
+    checkpointed = train(_config(tiny_base_dir, data_dir, tmp_path / "gc", max_steps=3, dropout=0.0,
+                                 gradient_checkpointing=True))
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)

@@ -74,7 +74,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     mark_only_lora_as_trainable(model)
     model.config.use_cache = False
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_activation_checkpointing(model)
     slots = adapter_slots(model, ADAPTER_NAME)  # file key -> Parameter: what trains, is saved and checkpointed
     optimizer = torch.optim.AdamW(slots.values(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -139,6 +139,17 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
         save_adapter(model, output, ADAPTER_NAME)
     plot_losses(output / METRICS_FILE, output / PLOT_FILE)
     return TrainResult(output, end, total_steps, losses, val_loss)
+
+
+def _enable_activation_checkpointing(model: nn.Module) -> None:
+    # Non-reentrant checkpointing: the frozen base's inputs need no requires_grad for it to work.
+    # transformers 5 renamed gradient_checkpointing_enable (deprecated) to activation_checkpointing_enable.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it")
 
 
 def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
