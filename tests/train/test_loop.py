@@ -88,7 +88,7 @@ def test_the_schedule_warms_up_then_decays_to_the_floor():
     assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
 
 
-def test_gradient_checkpointing_changes_memory_not_the_maths(tiny_base_dir, data_dir, tmp_path):
+def test_gradient_checkpointing_keeps_the_losses(tiny_base_dir, data_dir, tmp_path):
     plain = train(_config(tiny_base_dir, data_dir, tmp_path / "plain", max_steps=3, dropout=0.0))
     checkpointed = train(_config(tiny_base_dir, data_dir, tmp_path / "gc", max_steps=3, dropout=0.0,
                                  gradient_checkpointing=True))
