@@ -8,6 +8,7 @@ lengths.
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import sys
@@ -89,10 +90,14 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     metrics = MetricsLog(output, resume_step=start if checkpoint else None)
     end = min(total_steps, stop_after) if stop_after is not None else total_steps
 
+    @functools.lru_cache(maxsize=1)
+    def epoch_order(epoch: int) -> list[list[int]]:
+        return epoch_batches(lengths, config.batch_size, config.seed, epoch)
+
     def batch_at(index: int) -> Batch:
         """The index-th micro-batch of the run: a pure function of (seed, index)."""
         epoch, position = divmod(index, per_epoch)
-        rows = epoch_batches(lengths, config.batch_size, config.seed, epoch)[position]
+        rows = epoch_order(epoch)[position]
         return collate([train_set[i] for i in rows], pad_id).to(device)
 
     if config.progress:
