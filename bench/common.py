@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import platform
+import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -97,3 +101,19 @@ def write_table(name: str, title: str, command: str, header: list[str], rows: li
     path = RESULTS / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def alternate_workers(script: str, libraries: tuple[str, ...], trials: int, worker_args: list[str]) -> dict[str, list[dict]]:
+    """Run ``script --worker LIB *worker_args`` once per library per trial, the order alternating
+    between trials so that machine noise hits every library alike; each child prints its result
+    as JSON on its last line."""
+    results: dict[str, list[dict]] = {lib: [] for lib in libraries}
+    for trial in range(trials):
+        for lib in libraries if trial % 2 == 0 else libraries[::-1]:
+            cmd = [sys.executable, script, "--worker", lib, *worker_args]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[lib].append(json.loads(out.strip().splitlines()[-1]))
+            r = results[lib][-1]
+            print(f"trial {trial + 1}/{trials} {lib:8s} median step {statistics.median(r['times']):.3f}s "
+                  f"peak +{r['peak'] / 2**20:.0f} MiB", flush=True)
+    return results

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import PeakMemory, smollm2_shaped_llama, write_table
+from bench.common import (
+    PeakMemory,
+    alternate_workers,
+    smollm2_shaped_llama,
+    write_table,
+)
 
 LIBRARIES = ("lorakit", "peft")
 
@@ -82,17 +86,8 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args)))
         return
 
-    results: dict[str, list[dict]] = {lib: [] for lib in LIBRARIES}
-    for trial in range(args.trials):
-        order = LIBRARIES if trial % 2 == 0 else LIBRARIES[::-1]
-        for lib in order:
-            cmd = [sys.executable, __file__, "--worker", lib, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--device", args.device]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[lib].append(json.loads(out.strip().splitlines()[-1]))
-            r = results[lib][-1]
-            print(f"trial {trial + 1}/{args.trials} {lib:8s} median step {statistics.median(r['times']):.3f}s "
-                  f"peak +{r['peak'] / 2**20:.0f} MiB", flush=True)
+    results = alternate_workers(__file__, LIBRARIES, args.trials, ["--steps", str(args.steps), "--batch",
+                                str(args.batch), "--seq", str(args.seq), "--device", args.device])
 
     summary = {}
     for lib, runs in results.items():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.common import PeakMemory, write_table
+from bench.common import PeakMemory, alternate_workers, write_table
 
 LIBRARIES = ("lorakit", "peft")
 DATA = ROOT / "data" / "orders" / "train.jsonl"
@@ -109,16 +108,8 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args)))
         return
 
-    results: dict[str, list[dict]] = {lib: [] for lib in LIBRARIES}
-    for trial in range(args.trials):
-        for lib in LIBRARIES if trial % 2 == 0 else LIBRARIES[::-1]:
-            cmd = [sys.executable, __file__, "--worker", lib, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--device", args.device, "--base", args.base]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[lib].append(json.loads(out.strip().splitlines()[-1]))
-            r = results[lib][-1]
-            print(f"trial {trial + 1}/{args.trials} {lib:8s} median step {statistics.median(r['times']):.3f}s "
-                  f"peak +{r['peak'] / 2**20:.0f} MiB", flush=True)
+    results = alternate_workers(__file__, LIBRARIES, args.trials, ["--steps", str(args.steps), "--batch",
+                                str(args.batch), "--device", args.device, "--base", args.base])
 
     summary = {}
     for lib, runs in results.items():

@@ -15,7 +15,12 @@ from torch import nn
 
 from lorakit.adapters import disable_adapters
 from lorakit.data.records import read_records
-from lorakit.data.tokenize import prompt_text, reference_text, tokenize_record
+from lorakit.data.tokenize import (
+    padding_id,
+    prompt_text,
+    reference_text,
+    tokenize_record,
+)
 from lorakit.generate import generate_texts
 from lorakit.merge import merge, unmerge
 from lorakit.train.loss import evaluate_loss
@@ -66,7 +71,7 @@ def score_model(model: nn.Module, tokenizer, records: list[dict], label: str, ba
         for i, answer in zip(shown, full, strict=True):
             answers[i] = answer
     examples = [tokenize_record(r, tokenizer, max_length=1 << 20)[0] for r in records]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     loss = evaluate_loss(model, examples, batch_size, pad_id, next(model.parameters()).device)
     correct = [matches(a, ref) for a, ref in zip(answers, references, strict=True)]
     return Score(label, answers, correct, loss)

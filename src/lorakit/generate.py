@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit.data.tokenize import padding_id
 from lorakit.io.base_model import load_base
 from lorakit.io.peft_format import load_adapter, read_adapter_config
 
@@ -58,7 +59,7 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     """The continuation of each prompt (special tokens removed), in the prompts' order. With
     ``json_only``, a continuation that cannot become a JSON object is cut short (StopUnlessJsonObject)."""
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

@@ -28,6 +28,11 @@ class TokenizedExample:
         return len(self.input_ids)
 
 
+def padding_id(tokenizer) -> int:
+    """The id to pad batches with: the tokenizer's pad token, or its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def spans(record: dict, tokenizer) -> list[tuple[str, bool]]:
     """The record's text as (text, is_target) spans whose concatenation is the full rendered text."""
     if "messages" not in record:

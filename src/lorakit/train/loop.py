@@ -22,7 +22,7 @@ from torch import nn
 from lorakit.adapters import mark_only_lora_as_trainable
 from lorakit.config import LoraConfig
 from lorakit.data.batches import Batch, collate, epoch_batches
-from lorakit.data.tokenize import tokenize_file
+from lorakit.data.tokenize import padding_id, tokenize_file
 from lorakit.errors import ConfigError
 from lorakit.inject import inject
 from lorakit.io.base_model import load_base
@@ -65,7 +65,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     model, tokenizer = load_base(config.base, getattr(torch, config.dtype))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     train_set = tokenize_file(config.train, tokenizer, config.max_length)
     val_set = tokenize_file(config.val, tokenizer, config.max_length) if config.val else []
 
