@@ -15,15 +15,10 @@ from torch import nn
 
 from lorakit.adapters import disable_adapters
 from lorakit.data.records import read_records
-from lorakit.data.tokenize import (
-    padding_id,
-    prompt_text,
-    reference_text,
-    tokenize_record,
-)
-from lorakit.generate import generate_texts
+from lorakit.data.tokenize import padding_id, reference_text, tokenize_record
+from lorakit.generate import StopUnlessJsonObject, cannot_be_json_object, generate_ids
+from lorakit.greedy_check import GreedyStart, answer_span, check_references
 from lorakit.merge import merge, unmerge
-from lorakit.train.loss import evaluate_loss
 
 ANSWER_MARGIN = 16  # tokens allowed beyond the longest reference answer
 
@@ -56,25 +51,53 @@ def _json_object(text: str) -> dict | None:
 
 
 def score_model(model: nn.Module, tokenizer, records: list[dict], label: str, batch_size: int = 16,
-                progress: bool = False, shown: list[int] = ()) -> Score:
-    """Exact match and loss of ``model`` on ``records``. When every reference is a JSON object,
-    answers that cannot become one are cut short (the score is the same, generation much faster);
-    the answers of the ``shown`` rows are then generated in full, for display."""
-    prompts = [prompt_text(r, tokenizer) for r in records]
+                progress: bool = False, shown: list[int] = (), max_new_tokens: int | None = None) -> Score:
+    """Exact match of greedy answers and loss on the references, of ``model`` on ``records``. Answers
+    are at most ``max_new_tokens`` long (default: the longest reference answer and a margin).
+
+    One teacher-forced pass over the references gives the loss and, on every row where greedy
+    decoding reproduces the reference, the answer itself (greedy_check); only the other rows are
+    decoded, from where they part from the reference. When every reference is a JSON object, answers
+    that cannot become one are cut short (the score is the same, decoding much faster); the answers
+    of the ``shown`` rows are then decoded in full, for display."""
     references = [reference_text(r) for r in records]
-    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)
     json_only = all(_json_object(ref) is not None for ref in references)
-    answers = generate_texts(model, tokenizer, prompts, longest + ANSWER_MARGIN, batch_size, progress=progress,
-                             json_only=json_only)
-    if json_only and shown:
-        full = generate_texts(model, tokenizer, [prompts[i] for i in shown], longest + ANSWER_MARGIN, batch_size)
-        for i, answer in zip(shown, full, strict=True):
-            answers[i] = answer
     examples = [tokenize_record(r, tokenizer, max_length=1 << 20)[0] for r in records]
-    pad_id = padding_id(tokenizer)
-    loss = evaluate_loss(model, examples, batch_size, pad_id, next(model.parameters()).device)
+    loss, starts = check_references(model, examples, batch_size, padding_id(tokenizer), tokenizer.eos_token_id,
+                                    progress)
+    limit = max_new_tokens or max(end - start for start, end in map(answer_span, examples)) + ANSWER_MARGIN
+    pending = [i for i, s in enumerate(starts) if not _settled(s, limit, tokenizer, json_only)]
+    _decode_on(model, tokenizer, starts, pending, limit, batch_size, progress, json_only)
+    answers = [tokenizer.decode(s.tokens[:limit], skip_special_tokens=True) for s in starts]
+    if json_only:  # shown rows that may have been cut short: decode them in full, for display
+        cut = [i for i in shown if cannot_be_json_object(answers[i])]
+        _decode_on(model, tokenizer, starts, cut, limit, batch_size)
+        for i in cut:
+            answers[i] = tokenizer.decode(starts[i].tokens, skip_special_tokens=True)
     correct = [matches(a, ref) for a, ref in zip(answers, references, strict=True)]
     return Score(label, answers, correct, loss)
+
+
+def _settled(start: GreedyStart, limit: int, tokenizer, json_only: bool) -> bool:
+    """Whether the greedy answer begun by ``start`` needs no more decoding to be scored."""
+    if start.finished or len(start.tokens) >= limit:
+        return True
+    return json_only and cannot_be_json_object(
+        tokenizer.decode(start.tokens[:StopUnlessJsonObject.LOOK_AHEAD], skip_special_tokens=True))
+
+
+def _decode_on(model: nn.Module, tokenizer, starts: list[GreedyStart], rows: list[int], limit: int,
+               batch_size: int, progress: bool = False, json_only: bool = False) -> None:
+    """Greedy decoding of ``rows`` from where their answers stand, up to ``limit`` answer tokens."""
+    rows = [i for i in rows if len(starts[i].tokens) < limit]
+    if not rows:
+        return
+    # generate() takes one max_new_tokens per batch; the longest budget, then each row is cut to its own.
+    budget = limit - min(len(starts[i].tokens) for i in rows)
+    new = generate_ids(model, tokenizer, [starts[i].prompt + starts[i].tokens for i in rows], budget, batch_size,
+                       progress=progress, json_only=json_only, answered=[len(starts[i].tokens) for i in rows])
+    for i, tokens in zip(rows, new, strict=True):
+        starts[i].tokens = (starts[i].tokens + tokens)[:limit]
 
 
 def compare_base_and_adapter(model: nn.Module, tokenizer, data: str | Path, limit: int | None = None,

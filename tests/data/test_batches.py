@@ -4,7 +4,12 @@ import random
 
 import torch
 
-from lorakit.data.batches import collate, epoch_batches, sequential_batches
+from lorakit.data.batches import (
+    MIN_SHARED_PREFIX,
+    collate,
+    epoch_batches,
+    sequential_batches,
+)
 from lorakit.data.tokenize import IGNORE, TokenizedExample
 
 
@@ -39,3 +44,19 @@ def test_collate_pads_right_and_counts_shifted_loss_tokens():
     assert batch.labels.tolist() == [[IGNORE, IGNORE, 7, 8], [IGNORE, 9, IGNORE, IGNORE]]
     assert batch.loss_tokens == 3 == int((batch.labels[:, 1:] != IGNORE).sum())
     assert batch.input_ids.dtype == torch.long
+
+
+def test_the_shared_prefix_stops_where_rows_differ_or_a_label_is_predicted():
+    n = MIN_SHARED_PREFIX + 4
+    common = list(range(10, 10 + n))
+
+    def row(tail, prompt):  # `prompt` tokens carry no label
+        ids = common + tail
+        return TokenizedExample(ids, [IGNORE] * prompt + ids[prompt:])
+
+    assert collate([row([1, 2, 5, 6], n + 3), row([1, 3, 4, 6], n + 3)], 0).shared_prefix == n + 1  # rows part there
+    # The first label is token n - 1, predicted by position n - 2: the prefix ends before that position.
+    assert collate([row([1, 2], n + 1), row([1, 3], n - 1)], 0).shared_prefix == n - 2
+    assert collate([row([1, 2], n + 1)], 0).shared_prefix == 0  # one row: nothing to share
+    short = TokenizedExample(common[:MIN_SHARED_PREFIX - 1] + [7, 8], [IGNORE] * MIN_SHARED_PREFIX + [8])
+    assert collate([row([1], n + 1), short], 0).shared_prefix == 0  # too short to be worth it

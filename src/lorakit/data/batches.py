@@ -13,6 +13,8 @@ import torch
 from lorakit.data.tokenize import IGNORE, TokenizedExample
 
 BUCKET_BATCHES = 16  # how many batches' worth of examples are sorted by length together
+# A shared prefix shorter than this is computed per row: an extra forward call costs more than it saves.
+MIN_SHARED_PREFIX = 8
 
 
 @dataclass
@@ -21,10 +23,11 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T), 1 on real tokens
     labels: torch.Tensor  # (B, T), IGNORE on padding and context
     loss_tokens: int  # positions that carry loss (after the causal shift)
+    shared_prefix: int = 0  # leading tokens every row has in common, none of which predicts a label
 
     def to(self, device: torch.device) -> Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.loss_tokens)
+                     self.loss_tokens, self.shared_prefix)
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -57,4 +60,18 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> Batch:
         ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         mask[row, :n] = 1
-    return Batch(ids, mask, labels, int((labels[:, 1:] != IGNORE).sum()))
+    return Batch(ids, mask, labels, int((labels[:, 1:] != IGNORE).sum()), shared_prefix(examples))
+
+
+def shared_prefix(examples: list[TokenizedExample]) -> int:
+    """How many leading tokens all rows share (a system prompt, a chat header) such that no position
+    in them predicts a labelled token; 0 for a single row or a prefix too short to be worth sharing."""
+    if len(examples) < 2:
+        return 0
+    first = examples[0].input_ids
+    # Position t predicts token t + 1, so the prefix ends before the position that predicts the first label.
+    limit = min(next((i for i, label in enumerate(e.labels) if label != IGNORE), len(e)) - 1 for e in examples)
+    length = 0
+    while length < limit and all(e.input_ids[length] == first[length] for e in examples):
+        length += 1
+    return length if length >= MIN_SHARED_PREFIX else 0
