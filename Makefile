@@ -19,9 +19,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job: fine-tune SmolLM2-135M-Instruct on the orders task on the CPU, then score base vs adapter.
+# It ends by printing how long training plus evaluation took.
 demo: $(STAMP)
-	$(VENV)/bin/lorakit train --config configs/smollm2-orders.yaml --overwrite
-	$(VENV)/bin/lorakit eval --adapter out/orders --data data/orders/test.jsonl
+	@start=$$(date +%s); \
+	$(VENV)/bin/lorakit train --config configs/smollm2-orders.yaml --overwrite && \
+	$(VENV)/bin/lorakit eval --adapter out/orders --data data/orders/test.jsonl && \
+	elapsed=$$(( $$(date +%s) - start )) && \
+	echo "demo: training + evaluation took $$((elapsed / 60)) min $$((elapsed % 60)) s"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

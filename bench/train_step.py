@@ -3,7 +3,8 @@
 Same model (the embedded SmolLM2 weights), same batches (orders training examples in SmolLM2's
 chat template, loss on the assistant tokens only, length-bucketed batches of --batch), same LoRA
 settings (r=16, alpha=32, all linear layers), same AdamW. lorakit's step is `lorakit train`'s:
-the output head only where a token carries loss. PEFT's is the standard one:
+the output head only where a token carries loss, the prefix all rows share run once per batch.
+PEFT's is the standard one:
 `model(input_ids, attention_mask, labels).loss`. Both minimise the same mean loss per target token.
 
 Steps are timed first, then peak memory is read over one more step (the longest batch). Each
