@@ -15,12 +15,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lorakit.config import LoraConfig, lora_scaling
 from lorakit.errors import MergeError
+
+
+@dataclass(frozen=True)
+class RowSegment:
+    """Rows start:stop of a batch (dim 0) use adapter ``adapter``; None is the base model alone."""
+
+    adapter: str | None
+    start: int
+    stop: int
+
+
+# The row-to-adapter plan of the forward pass in progress (lorakit.mixed_batch sets it), built once
+# per forward and read by every layer; None outside a mixed batch: the active adapters apply to all rows.
+ROW_SEGMENTS: ContextVar[tuple[RowSegment, ...] | None] = ContextVar("lorakit_row_segments", default=None)
 
 
 class LoraAdapter(nn.Module):
@@ -138,13 +154,36 @@ class LoraLayer:
         self.active_adapters = tuple(n for n in self.active_adapters if n != name)
 
     def _add_adapters(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The base output plus every active adapter not already merged into the weight."""
+        """The base output plus every active adapter not already merged into the weight; in a mixed
+        batch, each segment of rows plus its own adapter."""
         if self.lora_disabled:
             return result
+        segments = ROW_SEGMENTS.get()
+        if segments is not None:
+            return self._add_row_adapters(result, x, segments)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 result = self._adapter_output(result, x, self.lora[name])
         return result
+
+    def _add_row_adapters(self, result: torch.Tensor, x: torch.Tensor, segments: tuple[RowSegment, ...]) -> torch.Tensor:
+        """One pair of small matmuls per segment, on that segment's rows: the base output was computed
+        once for the whole batch, and no adapter weight is copied per row. An adapter that does not
+        target this layer leaves its rows as the base computed them."""
+        if self.merged_adapters:
+            raise MergeError(f"adapters {self.merged_adapters} are merged into the weights, so every row would "
+                             "get them; unmerge before running rows with different adapters")
+        if len(segments) == 1:  # one adapter for the whole batch: no slicing, no concatenation
+            name = segments[0].adapter
+            return result if name not in self.lora else self._adapter_output(result, x, self.lora[name])
+        pieces = []
+        for segment in segments:
+            rows = slice(segment.start, segment.stop)
+            if segment.adapter in self.lora:
+                pieces.append(self._adapter_output(result[rows], x[rows], self.lora[segment.adapter]))
+            else:
+                pieces.append(result[rows])
+        return torch.cat(pieces)
 
     # --- merge -----------------------------------------------------------------------------
     # W and the update are added in float32 (float64 for float64 weights) and rounded once to the

@@ -1,0 +1,258 @@
+"""The generation engine: one base model, requests on different adapters decoded in one batch.
+
+Iteration-level batching: between two decoding steps, finished requests leave the batch and waiting
+ones join it (their prompts are run together first, then their key/value cache is stacked onto the
+running batch's). Rows are kept grouped by adapter, so every LoRA layer adds each group's adapter
+with one pair of matmuls on a slice (lorakit.mixed_batch); the base layers run once for all rows.
+
+Each request has its own sampling settings and random generator, so its tokens do not depend on
+which other requests share its batch (greedy decoding gives the tokens it gives alone).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.mixed_batch import row_segments, rows_use_segments
+from lorakit.serve.kv import BatchCache
+from lorakit.serve.sampling import SamplingParams, next_token
+
+
+class QueueFull(LorakitError):
+    """The engine has as many waiting requests as it accepts; the client should retry later."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a request's consumer receives: text as it is decided, then one final event."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "error" on the final event
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Request:
+    adapter: str | None  # None: the base model alone
+    prompt_ids: list[int]
+    params: SamplingParams
+    id: int = field(default_factory=count().__next__)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    ids: list[int] = field(default_factory=list)  # generated so far
+    sent: int = 0  # characters of the decoded text already sent
+    finish_reason: str | None = None  # set once the request is done
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ConfigError("the prompt is empty; give at least one token")
+        self.generator = torch.Generator()
+        self.generator.manual_seed(self.params.seed if self.params.seed is not None else
+                                   int(torch.randint(0, 2**62, ()).item()))
+
+
+class Engine:
+    """Drive it with ``step()`` (tests, scripts) or ``start()`` (a background thread, the server).
+
+    ``prepare(adapter)`` is called for every adapter before its rows run (the registry loads it
+    there, if it was evicted); ``release(adapter)`` when its last row has left. Both run under
+    ``lock``, which every step holds, so an adapter never changes while a batch uses it.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, max_batch: int = 32, max_waiting: int = 256,
+                 prepare: Callable[[str], None] = lambda name: None,
+                 release: Callable[[str], None] = lambda name: None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self.prepare, self.release = prepare, release
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.lock = threading.RLock()
+        self._waiting: queue.Queue[Request] = queue.Queue()
+        self._wake = threading.Event()
+        self._running: list[Request] = []  # rows of the batch, grouped by adapter
+        self._cache: BatchCache | None = None
+        self._last: torch.Tensor | None = None  # (B,) each row's latest token: the next step's input
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # --- submitting ---------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> Request:
+        if self._waiting.qsize() >= self.max_waiting:
+            raise QueueFull(f"{self.max_waiting} requests are already waiting; retry shortly")
+        self._waiting.put(request)
+        self._wake.set()
+        return request
+
+    def generate(self, prompts: list[list[int]], adapters: list[str | None], params: SamplingParams) -> list[list[int]]:
+        """Token ids generated for each prompt on its adapter, all decoded together (no thread needed)."""
+        requests = [self.submit(Request(a, p, params)) for p, a in zip(prompts, adapters, strict=True)]
+        while not all(_finished(r) for r in requests):
+            self.step()
+        return [r.ids for r in requests]
+
+    @property
+    def busy(self) -> int:
+        return len(self._running) + self._waiting.qsize()
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self._running and self._waiting.empty():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit waiting requests, then decode one token for every running request."""
+        with self.lock:
+            joining = []
+            while len(self._running) + len(joining) < self.max_batch and not self._waiting.empty():
+                joining.append(self._waiting.get())
+            if joining:
+                self._admit(joining)
+            if self._running:
+                self._decode()
+
+    def _admit(self, requests: list[Request]) -> None:
+        ready = []
+        for request in requests:
+            try:
+                if request.adapter is not None:
+                    self.prepare(request.adapter)
+                ready.append(request)
+            except Exception as err:  # noqa: BLE001 - the error goes to its request, the engine keeps serving
+                request.finish_reason = "error"
+                request.events.put(Event(text=str(err), finish_reason="error"))
+        if not ready:
+            return
+        ready.sort(key=_group_key)
+        width = max(len(r.prompt_ids) for r in ready)
+        ids = torch.full((len(ready), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ready), width), dtype=torch.long)
+        for row, request in enumerate(ready):  # left-padded: every prompt ends in the last column
+            ids[row, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
+            mask[row, width - len(request.prompt_ids):] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        with rows_use_segments(row_segments([r.adapter for r in ready])):
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1]
+        joining = BatchCache(cache, mask.to(self.device))
+        if self._cache is None:
+            self._cache, self._running = joining, []
+        else:
+            self._cache.extend(joining)
+        self._running += ready
+        last = self._choose(ready, logits)
+        self._last = last if self._last is None else torch.cat([self._last, last])
+        self._regroup()
+
+    def _decode(self) -> None:
+        lengths = self._cache.lengths
+        self._cache.grow()
+        with rows_use_segments(row_segments([r.adapter for r in self._running])):
+            logits = self.model(input_ids=self._last[:, None].to(self.device), attention_mask=self._cache.mask,
+                                position_ids=lengths[:, None], past_key_values=self._cache.cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1]
+        self._last = self._choose(self._running, logits)
+        self._regroup()
+
+    def _choose(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token, sent on to its request; (B,) on CPU."""
+        logits = logits.float().cpu()  # one transfer; sampling runs on CPU with each request's generator
+        chosen = [next_token(row, r.params, r.generator) for r, row in zip(requests, logits, strict=True)]
+        for request, token in zip(requests, chosen, strict=True):
+            self._append(request, token)
+        return torch.tensor(chosen, dtype=torch.long)
+
+    def _append(self, request: Request, token: int) -> None:
+        if token in self.eos_ids:
+            return self._finish(request, "stop", self._text(request.ids))
+        request.ids.append(token)
+        text = self._text(request.ids)
+        for stop in request.params.stop:
+            if stop in text:
+                return self._finish(request, "stop", text[:text.index(stop)])
+        if len(request.ids) >= request.params.max_tokens:
+            return self._finish(request, "length", text)
+        # Hold back what could still become a stop string, and half a multi-byte character.
+        hold = max((len(s) - 1 for s in request.params.stop), default=0)
+        safe = len(text) - hold
+        while safe > request.sent and text[safe - 1] == "\ufffd":
+            safe -= 1
+        if safe > request.sent:
+            request.events.put(Event(text=text[request.sent:safe]))
+            request.sent = safe
+        return None
+
+    def _finish(self, request: Request, reason: str, text: str) -> None:
+        request.finish_reason = reason
+        request.events.put(Event(text=text[request.sent:], finish_reason=reason, prompt_tokens=len(request.prompt_ids),
+                                 completion_tokens=len(request.ids)))
+        request.sent = len(text)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _regroup(self) -> None:
+        """Drop finished rows and keep the rest grouped by adapter (a stable sort)."""
+        keep = sorted((i for i, r in enumerate(self._running) if not _finished(r)),
+                      key=lambda i: _group_key(self._running[i]))
+        if keep == list(range(len(self._running))):
+            return
+        left = {r.adapter for r in self._running} - {self._running[i].adapter for i in keep}
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._cache, self._last = None, None
+        else:
+            index = torch.tensor(keep, dtype=torch.long)
+            self._cache.select(index.to(self.device))
+            self._last = self._last[index]
+        for adapter in left - {None}:
+            self.release(adapter)
+
+
+def _finished(request: Request) -> bool:
+    return request.finish_reason is not None
+
+
+def _group_key(request: Request) -> tuple[bool, str]:
+    return request.adapter is not None, request.adapter or ""
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    """Every token that ends a reply: the generation config's end-of-sequence ids and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

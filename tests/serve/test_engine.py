@@ -1,0 +1,110 @@
+"""The engine: requests on different adapters, decoded together, give what each gives alone."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+import lorakit
+from lorakit.serve.engine import Engine, QueueFull, Request
+from lorakit.serve.sampling import SamplingParams
+from tests.conftest import randomize_adapters
+
+ADAPTERS = [f"tenant{i}" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_base_dir):
+    model = LlamaForCausalLM.from_pretrained(tiny_base_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+    for i, name in enumerate(ADAPTERS):  # ranks 2, 4, 8, 16, 2, ...: mixed ranks in one batch
+        r = 2 ** (1 + i % 4)
+        lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=r, target_modules="all-linear"), name=name)
+    randomize_adapters(model, std=0.3)
+    return model, tokenizer
+
+
+def _prompts(tokenizer, n):
+    texts = ["two pizzas", "a coffee to 5 Elm Street please", "hi", "one large tea and nothing else",
+             "three bagels", "a dozen donuts for pickup at noon", "soup", "four wraps, medium, to 9 Hill Lane"]
+    return [tokenizer(t)["input_ids"] for t in texts[:n]]
+
+
+def _alone(model, prompt, adapter, max_tokens):
+    """Greedy decoding by transformers' own generate(), with only this adapter active."""
+    if adapter is None:
+        with lorakit.disable_adapters(model):
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=2)
+    else:
+        lorakit.set_adapter(model, adapter)
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=2)
+    new = out[0, len(prompt):].tolist()
+    return new[:new.index(2)] if 2 in new else new
+
+
+def test_eight_requests_on_eight_adapters_give_each_ones_greedy_tokens(served):
+    model, tokenizer = served
+    prompts = _prompts(tokenizer, 8)
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    together = Engine(model, tokenizer).generate(prompts, ADAPTERS, greedy)
+    alone = [_alone(model, p, a, 12) for p, a in zip(prompts, ADAPTERS, strict=True)]
+    assert together == alone
+    base = [_alone(model, p, None, 12) for p in prompts]
+    assert sum(a != b for a, b in zip(alone, base, strict=True)) >= 6  # the adapters do change the answers
+
+
+def test_requests_joining_a_running_batch_and_the_base_model_mix(served):
+    model, tokenizer = served
+    prompts = _prompts(tokenizer, 8)
+    adapters = ["tenant3", None, "tenant3", "tenant1", None, "tenant5", "tenant1", "tenant0"]
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    engine = Engine(model, tokenizer, max_batch=5)  # three must wait for a free row
+    requests = [engine.submit(Request(a, p, greedy)) for p, a in zip(prompts[:4], adapters[:4], strict=True)]
+    for _ in range(3):
+        engine.step()
+    requests += [engine.submit(Request(a, p, greedy)) for p, a in zip(prompts[4:], adapters[4:], strict=True)]
+    while any(r.finish_reason is None for r in requests):
+        engine.step()
+    assert [r.ids for r in requests] == [_alone(model, p, a, 10) for p, a in zip(prompts, adapters, strict=True)]
+
+
+def test_a_seed_gives_the_same_sample_alone_and_in_a_batch(served):
+    model, tokenizer = served
+    prompts = _prompts(tokenizer, 4)
+    sampled = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=7)
+    alone = Engine(model, tokenizer).generate(prompts[1:2], ["tenant2"], sampled)
+    together = Engine(model, tokenizer).generate(prompts, ["tenant0", "tenant2", "tenant2", None], sampled)
+    assert together[1] == alone[0]
+
+
+def test_stop_strings_and_max_tokens_end_a_request(served):
+    model, tokenizer = served
+    prompt = _prompts(tokenizer, 1)[0]
+    engine = Engine(model, tokenizer)
+    full = engine.submit(Request("tenant1", prompt, SamplingParams(max_tokens=12, temperature=0)))
+    while full.finish_reason is None:
+        engine.step()
+    events = []
+    while not full.events.empty():
+        events.append(full.events.get())
+    text = "".join(e.text for e in events)
+    assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 12
+    assert text == tokenizer.decode(full.ids, skip_special_tokens=True)
+
+    stop = text[len(text) // 2:len(text) // 2 + 2]  # a stop string from the middle of the answer
+    cut = engine.submit(Request("tenant1", prompt, SamplingParams(max_tokens=12, temperature=0, stop=(stop,))))
+    while cut.finish_reason is None:
+        engine.step()
+    streamed = ""
+    while not cut.events.empty():
+        streamed += cut.events.get().text
+    assert cut.finish_reason == "stop" and streamed == text[:text.index(stop)]
+
+
+def test_a_full_queue_refuses_instead_of_piling_up(served):
+    model, tokenizer = served
+    engine = Engine(model, tokenizer, max_waiting=2)
+    params = SamplingParams(max_tokens=2)
+    engine.submit(Request(None, [5, 6], params))
+    engine.submit(Request(None, [5, 6], params))
+    with pytest.raises(QueueFull):
+        engine.submit(Request(None, [5, 6], params))
