@@ -64,8 +64,8 @@ class Request:
 class Engine:
     """Drive it with ``step()`` (tests, scripts) or ``start()`` (a background thread, the server).
 
-    ``prepare(adapter)`` is called for every adapter before its rows run (the registry loads it
-    there, if it was evicted); ``release(adapter)`` when its last row has left. Both run under
+    ``prepare(adapter)`` is called for each request before it joins the batch (the registry loads
+    its adapter there, if it was evicted), ``release(adapter)`` when it has left. Both run under
     ``lock``, which every step holds, so an adapter never changes while a batch uses it.
     """
 
@@ -104,6 +104,12 @@ class Engine:
         while not all(_finished(r) for r in requests):
             self.step()
         return [r.ids for r in requests]
+
+    def cancel(self, request: Request) -> None:
+        """End ``request`` now (its client went away); its row leaves the batch at the next step."""
+        with self.lock:
+            if request.finish_reason is None:
+                request.finish_reason = "cancelled"
 
     @property
     def busy(self) -> int:
@@ -144,6 +150,8 @@ class Engine:
     def _admit(self, requests: list[Request]) -> None:
         ready = []
         for request in requests:
+            if _finished(request):  # cancelled while it waited
+                continue
             try:
                 if request.adapter is not None:
                     self.prepare(request.adapter)
@@ -229,7 +237,7 @@ class Engine:
                       key=lambda i: _group_key(self._running[i]))
         if keep == list(range(len(self._running))):
             return
-        left = {r.adapter for r in self._running} - {self._running[i].adapter for i in keep}
+        done = [r for r in self._running if _finished(r)]
         self._running = [self._running[i] for i in keep]
         if not keep:
             self._cache, self._last = None, None
@@ -237,8 +245,9 @@ class Engine:
             index = torch.tensor(keep, dtype=torch.long)
             self._cache.select(index.to(self.device))
             self._last = self._last[index]
-        for adapter in left - {None}:
-            self.release(adapter)
+        for request in done:
+            if request.adapter is not None:
+                self.release(request.adapter)
 
 
 def _finished(request: Request) -> bool:
