@@ -27,14 +27,15 @@ def _alone(model, ids, name):
     return model(ids).logits
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["per-segment", "stacked"])
 @pytest.mark.parametrize(("build", "targets"), [
     (tiny_llama, ["embed_tokens", "q_proj", "v_proj", "down_proj"]),  # embedding adapters route by row too
     (tiny_gpt2, "all-linear"),  # GPT-2's Conv1D
 ])
-def test_each_row_gets_its_own_adapter(build, targets):
+def test_each_row_gets_its_own_adapter(build, targets, stacked):
     model = _model(build, targets)
     ids = torch.randint(3, 96, (len(ROWS), 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), rows_use_adapters(model, ROWS):
+    with torch.no_grad(), rows_use_adapters(model, ROWS, stacked=stacked):
         mixed = model(ids).logits
     with torch.no_grad():
         expected = torch.cat([_alone(model, ids[i:i + 1], name) for i, name in enumerate(ROWS)])

@@ -18,7 +18,7 @@ from torch import nn
 
 from lorakit.adapters import adapter_names
 from lorakit.errors import ConfigError
-from lorakit.layers.base import ROW_SEGMENTS, RowSegment
+from lorakit.layers.base import ROW_PLAN, RowPlan, RowSegment
 from lorakit.walk import saved_modules
 
 
@@ -37,8 +37,9 @@ def row_segments(row_adapters: Sequence[str | None]) -> tuple[RowSegment, ...]:
 
 
 @contextmanager
-def rows_use_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterator[None]:
-    """Within the block, row i of every batch the model runs uses adapter ``row_adapters[i]``."""
+def rows_use_adapters(model: nn.Module, row_adapters: Sequence[str | None], stacked: bool = False) -> Iterator[None]:
+    """Within the block, row i of every batch the model runs uses adapter ``row_adapters[i]``.
+    ``stacked``: one pair of matmuls per layer for all adapters (RowPlan), for few tokens per row."""
     named = {n for n in row_adapters if n is not None}
     unknown = sorted(named - set(adapter_names(model)))
     if unknown:
@@ -48,16 +49,16 @@ def rows_use_adapters(model: nn.Module, row_adapters: Sequence[str | None]) -> I
     if whole:
         raise ConfigError(f"adapter(s) {whole} replace whole modules (modules_to_save), which cannot differ "
                           "between rows of one batch; run their requests in batches of their own")
-    with rows_use_segments(row_segments(row_adapters)):
+    with rows_use_plan(RowPlan(row_segments(row_adapters), stacked)):
         yield
 
 
 @contextmanager
-def rows_use_segments(segments: tuple[RowSegment, ...]) -> Iterator[None]:
-    """``rows_use_adapters`` without its checks, for a caller that validated the names once (the
-    serving engine, on every decoding step)."""
-    token = ROW_SEGMENTS.set(segments)
+def rows_use_plan(plan: RowPlan) -> Iterator[None]:
+    """``rows_use_adapters`` without its checks, for a caller that validated the names once and
+    keeps the plan across steps (the serving engine)."""
+    token = ROW_PLAN.set(plan)
     try:
         yield
     finally:
-        ROW_SEGMENTS.reset(token)
+        ROW_PLAN.reset(token)

@@ -34,9 +34,29 @@ class RowSegment:
     stop: int
 
 
-# The row-to-adapter plan of the forward pass in progress (lorakit.mixed_batch sets it), built once
-# per forward and read by every layer; None outside a mixed batch: the active adapters apply to all rows.
-ROW_SEGMENTS: ContextVar[tuple[RowSegment, ...] | None] = ContextVar("lorakit_row_segments", default=None)
+class RowPlan:
+    """Which rows of the batch use which adapter (segments cover rows 0..B in order).
+
+    By default each LoRA layer adds each segment's adapter with one pair of matmuls on that
+    segment's rows. ``stacked``: linear layers instead add all segments' adapters with one pair of
+    matmuls over their concatenated ranks, each row keeping its own adapter's block (a 0/1 mask):
+    four operations per layer whatever the number of adapters, where the loop costs four per
+    segment. The concatenated matrices are built on a layer's first use and kept in ``stacks``, so
+    they are built once for as long as the batch's composition lasts (the engine's decoding steps).
+    That pays when rows are few tokens each (decoding); with many tokens per row (a prompt pass)
+    the extra FLOPs of multiplying every row by every adapter outweigh it.
+    """
+
+    def __init__(self, segments: tuple[RowSegment, ...], stacked: bool = False) -> None:
+        self.segments = segments
+        self.stacked = stacked and len(segments) > 1
+        self.rows = segments[-1].stop if segments else 0
+        self.stacks: dict[int, tuple | None] = {}  # id(layer) -> that layer's concatenated matrices
+
+
+# The row plan of the forward pass in progress (lorakit.mixed_batch sets it), read by every layer;
+# None outside a mixed batch: the active adapters apply to all rows.
+ROW_PLAN: ContextVar[RowPlan | None] = ContextVar("lorakit_row_plan", default=None)
 
 
 class LoraAdapter(nn.Module):
@@ -158,24 +178,30 @@ class LoraLayer:
         batch, each segment of rows plus its own adapter."""
         if self.lora_disabled:
             return result
-        segments = ROW_SEGMENTS.get()
-        if segments is not None:
-            return self._add_row_adapters(result, x, segments)
+        plan = ROW_PLAN.get()
+        if plan is not None:
+            return self._add_row_adapters(result, x, plan)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 result = self._adapter_output(result, x, self.lora[name])
         return result
 
-    def _add_row_adapters(self, result: torch.Tensor, x: torch.Tensor, segments: tuple[RowSegment, ...]) -> torch.Tensor:
-        """One pair of small matmuls per segment, on that segment's rows: the base output was computed
-        once for the whole batch, and no adapter weight is copied per row. An adapter that does not
-        target this layer leaves its rows as the base computed them."""
+    def _add_row_adapters(self, result: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+        """One pair of small matmuls per segment, on that segment's rows (or one pair for all, for a
+        stacked plan): the base output was computed once for the whole batch, and no adapter weight is
+        copied per row. An adapter that does not target this layer leaves its rows as the base
+        computed them."""
         if self.merged_adapters:
             raise MergeError(f"adapters {self.merged_adapters} are merged into the weights, so every row would "
                              "get them; unmerge before running rows with different adapters")
+        segments = plan.segments
         if len(segments) == 1:  # one adapter for the whole batch: no slicing, no concatenation
             name = segments[0].adapter
             return result if name not in self.lora else self._adapter_output(result, x, self.lora[name])
+        if plan.stacked and not self.training:
+            stacked = self._stacked_rows_output(result, x, plan)
+            if stacked is not None:
+                return stacked
         pieces = []
         for segment in segments:
             rows = slice(segment.start, segment.stop)
@@ -184,6 +210,10 @@ class LoraLayer:
             else:
                 pieces.append(result[rows])
         return torch.cat(pieces)
+
+    def _stacked_rows_output(self, result: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor | None:
+        """A stacked plan's output, for families that have one (linear ones); None: use the loop."""
+        return None
 
     # --- merge -----------------------------------------------------------------------------
     # W and the update are added in float32 (float64 for float64 weights) and rounded once to the

@@ -12,10 +12,11 @@ from transformers.pytorch_utils import Conv1D as HFConv1D
 from lorakit.layers.base import (
     LoraAdapter,
     LoraLayer,
+    RowPlan,
     lora_delta,
     share_base_parameters,
 )
-from lorakit.layers.linear import linear_adapter_output
+from lorakit.layers.linear import linear_adapter_output, stacked_rows_output
 
 
 class Conv1D(LoraLayer, HFConv1D):
@@ -43,6 +44,9 @@ class Conv1D(LoraLayer, HFConv1D):
 
     def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
         return linear_adapter_output(result, x, adapter)
+
+    def _stacked_rows_output(self, result: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+        return stacked_rows_output(self, result, x, plan)
 
     def _delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
         return lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling).T  # (in, out), as Conv1D stores it

@@ -10,6 +10,7 @@ from lorakit.config import LoraConfig
 from lorakit.layers.base import (
     LoraAdapter,
     LoraLayer,
+    RowPlan,
     lora_delta,
     share_base_parameters,
 )
@@ -21,6 +22,35 @@ def linear_adapter_output(result: torch.Tensor, x: torch.Tensor, adapter: LoraAd
     b = adapter.lora_B.to(x.dtype)  # (out, r)
     h = F.linear(adapter.dropout(x), a) * adapter.scaling  # (..., r): scale the narrow tensor
     return result + F.linear(h, b)  # (..., out)
+
+
+def stacked_rows_output(layer: LoraLayer, result: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+    """result + each row's own adapter, for every row at once: x (B, ..., in) times the segments'
+    A matrices concatenated along the rank (R = sum of their ranks), a 0/1 mask keeping each row's
+    own block, times the matching B columns (scaling folded in). Shared by nn.Linear and Conv1D."""
+    if id(layer) not in plan.stacks:
+        plan.stacks[id(layer)] = _stack(layer, plan)
+    stack = plan.stacks[id(layer)]
+    if stack is None:  # no segment's adapter targets this layer
+        return result
+    a, b, mask = stack  # (R, in), (out, R), (B, R)
+    h = F.linear(x, a.to(x.dtype))  # (B, ..., R)
+    h = h * mask.to(h.dtype).view(mask.shape[0], *[1] * (h.dim() - 2), mask.shape[1])
+    return result + F.linear(h, b.to(x.dtype))  # (B, ..., out)
+
+
+def _stack(layer: LoraLayer, plan: RowPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    blocks = [(s, layer.lora[s.adapter]) for s in plan.segments if s.adapter in layer.lora]
+    if not blocks:
+        return None
+    a = torch.cat([adapter.lora_A for _, adapter in blocks])  # (R, in)
+    b = torch.cat([adapter.lora_B * adapter.scaling for _, adapter in blocks], dim=1)  # (out, R)
+    mask = torch.zeros(plan.rows, a.shape[0], dtype=torch.bool, device=a.device)
+    offset = 0
+    for segment, adapter in blocks:
+        mask[segment.start:segment.stop, offset:offset + adapter.r] = True
+        offset += adapter.r
+    return a, b, mask
 
 
 class Linear(LoraLayer, nn.Linear):
@@ -60,6 +90,9 @@ class Linear(LoraLayer, nn.Linear):
 
     def _adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
         return linear_adapter_output(result, x, adapter)
+
+    def _stacked_rows_output(self, result: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+        return stacked_rows_output(self, result, x, plan)
 
     def _delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
         return lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling)  # (out, in)

@@ -22,7 +22,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.mixed_batch import row_segments, rows_use_segments
+from lorakit.layers.base import RowPlan
+from lorakit.mixed_batch import row_segments, rows_use_plan
 from lorakit.serve.kv import BatchCache
 from lorakit.serve.sampling import SamplingParams, next_token
 
@@ -86,6 +87,7 @@ class Engine:
         self._running: list[Request] = []  # rows of the batch, grouped by adapter
         self._cache: BatchCache | None = None
         self._last: torch.Tensor | None = None  # (B,) each row's latest token: the next step's input
+        self._plan: RowPlan | None = None  # the decoding steps' row plan, until the rows change
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -170,7 +172,7 @@ class Engine:
             mask[row, width - len(request.prompt_ids):] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache()
-        with rows_use_segments(row_segments([r.adapter for r in ready])):
+        with rows_use_plan(RowPlan(row_segments([r.adapter for r in ready]))):
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
                                 logits_to_keep=1).logits[:, -1]
@@ -180,6 +182,7 @@ class Engine:
         else:
             self._cache.extend(joining)
         self._running += ready
+        self._plan = None
         last = self._choose(ready, logits)
         self._last = last if self._last is None else torch.cat([self._last, last])
         self._regroup()
@@ -187,7 +190,9 @@ class Engine:
     def _decode(self) -> None:
         lengths = self._cache.lengths
         self._cache.grow()
-        with rows_use_segments(row_segments([r.adapter for r in self._running])):
+        if self._plan is None:  # kept while the batch's rows stay the same: its stacked matrices are reused
+            self._plan = RowPlan(row_segments([r.adapter for r in self._running]), stacked=True)
+        with rows_use_plan(self._plan):
             logits = self.model(input_ids=self._last[:, None].to(self.device), attention_mask=self._cache.mask,
                                 position_ids=lengths[:, None], past_key_values=self._cache.cache, use_cache=True,
                                 logits_to_keep=1).logits[:, -1]
@@ -239,6 +244,7 @@ class Engine:
             return
         done = [r for r in self._running if _finished(r)]
         self._running = [self._running[i] for i in keep]
+        self._plan = None
         if not keep:
             self._cache, self._last = None, None
         else:

@@ -180,11 +180,13 @@ def completion_prompt_ids(tokenizer, prompt: object) -> list[int]:
 # --- the handler ------------------------------------------------------------------------------
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the listen backlog; socketserver's 5 resets bursts of concurrent clients
+
+
 def make_server(app: App, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    handler = type("Handler", (Handler,), {"app": app})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return _Server((host, port), type("Handler", (Handler,), {"app": app}))
 
 
 class Handler(BaseHTTPRequestHandler):
