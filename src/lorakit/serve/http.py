@@ -33,6 +33,9 @@ class Limits:
     request_timeout_s: float = 300.0
 
 
+DRAIN_LIMIT = 64 << 20  # an oversized body up to this is read and dropped before the 413; beyond, the socket closes
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
                  param: str | None = None) -> None:
@@ -313,6 +316,12 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(411, "send a Content-Length header with the JSON body")
         if int(length) > self.app.limits.max_body_bytes:
             self.close_connection = True
+            remaining = int(length) if int(length) <= DRAIN_LIMIT else 0
+            while remaining > 0:  # read it away, so the client is not cut off while still sending
+                chunk = self.rfile.read(min(1 << 16, remaining))
+                if not chunk:  # the client stopped sending
+                    break
+                remaining -= len(chunk)
             raise ApiError(413, f"the body is over {self.app.limits.max_body_bytes} bytes")
         raw = self.rfile.read(int(length))
         try:

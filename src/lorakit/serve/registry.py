@@ -77,7 +77,11 @@ class AdapterRegistry:
             info = AdapterInfo(name, Path(directory), max(ranks), size)
             self._adapters[name] = info
             if load:
-                self.acquire(name)
+                try:
+                    self.acquire(name)
+                except Exception:
+                    del self._adapters[name]
+                    raise
                 self.release(name)
             return info
 
