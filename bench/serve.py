@@ -5,12 +5,12 @@ same number of tokens, greedy, on the embedded SmolLM2-135M-Instruct:
 - lorakit, mixed: the serving engine, each request on its own adapter (rows grouped by adapter);
 - PEFT, mixed: ``generate(..., adapter_names=[...])``, PEFT's mixed-adapter batch;
 - lorakit, one adapter: the engine with all 16 requests on the same adapter.
-The adapters are 16 random r=16 adapters on all linear layers. Decode throughput is the tokens
+The adapters are 16 random adapters (r=16 unless --rank) on all linear layers. Decode throughput is the tokens
 of steps 2..N over their time: each configuration runs once for 1 new token (prompt pass) and once
 for N, alternating between configurations within each trial, and the difference is decoding.
 Also the time to load one adapter from its files into the running model, lorakit vs PEFT.
 
-    python bench/serve.py [--trials 3] [--tokens 33] [--device cpu]
+    python bench/serve.py [--trials 3] [--tokens 33] [--device cpu] [--rank 16]
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from bench.common import write_table
 ADAPTERS = 16
 
 
-def make_adapters(directory: Path, base: str) -> list[Path]:
-    """16 random r=16 adapters on all linear layers, saved in PEFT's format."""
+def make_adapters(directory: Path, base: str, rank: int) -> list[Path]:
+    """16 random adapters of rank ``rank`` on all linear layers, saved in PEFT's format."""
     import lorakit
     from lorakit.io.base_model import load_base
     from lorakit.walk import lora_layers
@@ -41,7 +41,7 @@ def make_adapters(directory: Path, base: str) -> list[Path]:
     paths = []
     for i in range(ADAPTERS):
         name = f"tenant{i}"
-        lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear"), name=name)
+        lorakit.inject(model, lorakit.LoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear"), name=name)
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for _, layer in lora_layers(model):
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=33, help="new tokens per request (the first is the prompt pass)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--base", default="smollm2")
+    parser.add_argument("--rank", type=int, default=16, help="rank of the 16 adapters")
     args = parser.parse_args()
 
     from peft import PeftModel
@@ -86,7 +87,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="lorakit-serve-bench-"))
-    paths = make_adapters(work, args.base)
+    paths = make_adapters(work, args.base, args.rank)
     names = [p.name for p in paths]
 
     ours, tokenizer = load_base(args.base)
@@ -141,11 +142,13 @@ def main() -> None:
     rows = [[name, f"{v:,.0f}"] for name, v in tps.items()]
     rows += [["**lorakit mixed / PEFT mixed**", f"**{mixed / peft_mixed:.2f}x**"],
              ["**lorakit mixed / lorakit one adapter**", f"**{mixed / single:.2f}x**"],
-             ["adapter load (r=16, all linear), lorakit", f"{statistics.median(lorakit_load):.0f} ms"],
-             ["adapter load (r=16, all linear), PEFT load_adapter", f"{1000 * statistics.median(peft_load[1:]):.0f} ms"]]
+             [f"adapter load (r={args.rank}, all linear), lorakit", f"{statistics.median(lorakit_load):.0f} ms"],
+             [f"adapter load (r={args.rank}, all linear), PEFT load_adapter",
+              f"{1000 * statistics.median(peft_load[1:]):.0f} ms"]]
+    suffix = "" if args.rank == 16 else f"_r{args.rank}"
     path = write_table(
-        f"serve_{args.device}", f"Serving 16 adapters in one batch ({args.base}, {args.device})",
-        f"python bench/serve.py --trials {args.trials} --tokens {args.tokens} --device {args.device}",
+        f"serve_{args.device}{suffix}", f"Serving 16 adapters of rank {args.rank} in one batch ({args.base}, {args.device})",
+        f"python bench/serve.py --trials {args.trials} --tokens {args.tokens} --device {args.device} --rank {args.rank}",
         ["configuration", "decode tokens/s (median)"], rows,
         notes=f"16 requests (orders test prompts, chat template), greedy, {args.tokens} new tokens each; decode "
               f"throughput excludes the prompt pass; {args.trials} alternating trials. Greedy tokens identical between "

@@ -33,6 +33,7 @@ def register(commands) -> None:
                        help="requests that may wait for a row; more are answered 429")
     serve.add_argument("--adapter-memory-mb", type=int, default=1024,
                        help="memory for loaded adapters; least recently used ones are unloaded beyond it")
+    serve.add_argument("--max-rank", type=int, default=256, help="highest adapter rank accepted")
     serve.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted")
     serve.add_argument("--max-tokens", type=int, default=512, help="most tokens a request may ask for")
     serve.add_argument("--max-body-kb", type=int, default=1024, help="largest request body accepted")
@@ -57,14 +58,14 @@ def _serve(args: argparse.Namespace) -> int:
                           "loopback only; give --tenants FILE to listen elsewhere")
     if args.adapter_dir is not None and not args.adapter_dir.is_dir():
         raise ConfigError(f"--adapter-dir {args.adapter_dir}: no such directory")
-    if min(args.max_batch, args.max_waiting, args.adapter_memory_mb, args.max_prompt_tokens, args.max_tokens,
-           args.max_body_kb) < 1:
+    if min(args.max_batch, args.max_waiting, args.adapter_memory_mb, args.max_rank, args.max_prompt_tokens,
+           args.max_tokens, args.max_body_kb) < 1:
         raise ConfigError("the --max-* and --adapter-memory-mb limits must be at least 1")
     model, tokenizer = load_for_inference(args.base, None)
     limits = Limits(max_body_bytes=args.max_body_kb * 1024, max_prompt_tokens=args.max_prompt_tokens,
                     max_tokens=args.max_tokens)
     app = start_app(model, tokenizer, adapters, tenants, args.adapter_dir, limits, args.max_batch, args.max_waiting,
-                    args.adapter_memory_mb << 20)
+                    args.adapter_memory_mb << 20, args.max_rank)
     try:
         server = make_server(app, args.host, args.port)
     except OSError as err:

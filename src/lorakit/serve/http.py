@@ -377,10 +377,10 @@ def _usage(final: Event) -> dict:
 
 def start_app(model, tokenizer, adapters: dict[str, Path], tenants: Tenants | None = None,
               adapter_root: Path | None = None, limits: Limits = Limits(), max_batch: int = 32,
-              max_waiting: int = 256, adapter_budget_bytes: int = 1 << 30) -> App:
+              max_waiting: int = 256, adapter_budget_bytes: int = 1 << 30, max_rank: int = 256) -> App:
     """An App over ``model`` with ``adapters`` (name -> directory) registered and its engine running."""
     engine = Engine(model, tokenizer, max_batch=max_batch, max_waiting=max_waiting)
-    registry = AdapterRegistry(model, adapter_budget_bytes, lock=engine.lock)
+    registry = AdapterRegistry(model, adapter_budget_bytes, max_rank, lock=engine.lock)
     engine.prepare, engine.release = registry.acquire, registry.release
     for name, directory in adapters.items():
         registry.register(name, directory)
