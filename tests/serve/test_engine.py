@@ -108,3 +108,26 @@ def test_a_full_queue_refuses_instead_of_piling_up(served):
     engine.submit(Request(None, [5, 6], params))
     with pytest.raises(QueueFull):
         engine.submit(Request(None, [5, 6], params))
+
+
+def _out_of_memory(*args, **kwargs):
+    raise RuntimeError("out of memory")
+
+
+def test_a_failing_batch_fails_its_requests_and_the_engine_keeps_serving(served, monkeypatch):
+    model, tokenizer = served
+    engine = Engine(model, tokenizer)
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=3, temperature=0)
+        with monkeypatch.context() as patch:
+            patch.setattr(model, "forward", _out_of_memory)
+            doomed = engine.submit(Request("tenant1", [5, 6, 7], params))
+            event = doomed.events.get(timeout=30)
+        assert event.finish_reason == "error" and "out of memory" in event.text
+        fine = engine.submit(Request("tenant1", [5, 6, 7], params))
+        while fine.finish_reason is None:
+            fine.events.get(timeout=30)
+        assert fine.finish_reason == "length" and len(fine.ids) == 3
+    finally:
+        engine.stop()

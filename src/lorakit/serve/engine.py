@@ -52,6 +52,7 @@ class Request:
     ids: list[int] = field(default_factory=list)  # generated so far
     sent: int = 0  # characters of the decoded text already sent
     finish_reason: str | None = None  # set once the request is done
+    error: str = ""  # why, when finish_reason is "error"
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +106,9 @@ class Engine:
         requests = [self.submit(Request(a, p, params)) for p, a in zip(prompts, adapters, strict=True)]
         while not all(_finished(r) for r in requests):
             self.step()
+        failed = [r for r in requests if r.finish_reason == "error"]
+        if failed:
+            raise ConfigError(f"request on adapter {failed[0].adapter!r} failed: {failed[0].error}")
         return [r.ids for r in requests]
 
     def cancel(self, request: Request) -> None:
@@ -135,7 +139,20 @@ class Engine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            self.step()
+            try:
+                self.step()
+            except Exception as err:  # noqa: BLE001 - fail the batch, not the server (out of memory, ...)
+                self._fail_batch(err)
+
+    def _fail_batch(self, err: Exception) -> None:
+        """End every running request with ``err`` and start again from an empty batch."""
+        with self.lock:
+            for request in self._running:
+                if not _finished(request):
+                    _fail(request, err)
+                if request.adapter is not None:
+                    self.release(request.adapter)
+            self._running, self._cache, self._last, self._plan = [], None, None, None
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -159,11 +176,30 @@ class Engine:
                     self.prepare(request.adapter)
                 ready.append(request)
             except Exception as err:  # noqa: BLE001 - the error goes to its request, the engine keeps serving
-                request.finish_reason = "error"
-                request.events.put(Event(text=str(err), finish_reason="error"))
+                _fail(request, err)
         if not ready:
             return
         ready.sort(key=_group_key)
+        try:
+            logits, joining = self._prompt_pass(ready)
+        except Exception as err:
+            for request in ready:  # not in the batch yet: fail and release them here
+                _fail(request, err)
+                if request.adapter is not None:
+                    self.release(request.adapter)
+            raise
+        if self._cache is None:
+            self._cache = joining
+        else:
+            self._cache.extend(joining)
+        self._running += ready
+        self._plan = None
+        last = self._choose(ready, logits)
+        self._last = last if self._last is None else torch.cat([self._last, last])
+        self._regroup()
+
+    def _prompt_pass(self, ready: list[Request]) -> tuple[torch.Tensor, BatchCache]:
+        """The joining requests' prompts, run together: (last-position logits (N, V), their cache)."""
         width = max(len(r.prompt_ids) for r in ready)
         ids = torch.full((len(ready), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ready), width), dtype=torch.long)
@@ -176,16 +212,7 @@ class Engine:
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
                                 logits_to_keep=1).logits[:, -1]
-        joining = BatchCache(cache, mask.to(self.device))
-        if self._cache is None:
-            self._cache, self._running = joining, []
-        else:
-            self._cache.extend(joining)
-        self._running += ready
-        self._plan = None
-        last = self._choose(ready, logits)
-        self._last = last if self._last is None else torch.cat([self._last, last])
-        self._regroup()
+        return logits, BatchCache(cache, mask.to(self.device))
 
     def _decode(self) -> None:
         lengths = self._cache.lengths
@@ -254,6 +281,11 @@ class Engine:
         for request in done:
             if request.adapter is not None:
                 self.release(request.adapter)
+
+
+def _fail(request: Request, err: Exception) -> None:
+    request.finish_reason, request.error = "error", f"{type(err).__name__}: {err}"
+    request.events.put(Event(text=request.error, finish_reason="error"))
 
 
 def _finished(request: Request) -> bool:

@@ -275,8 +275,8 @@ class Handler(BaseHTTPRequestHandler):
             except queue.Empty:
                 self.app.engine.cancel(request)
                 raise ApiError(504, "the request took too long", "server_error", "timeout") from None
-            if event.finish_reason == "error":
-                raise ApiError(400, event.text)
+            if event.finish_reason == "error":  # the server failed it (an adapter that no longer loads, ...)
+                raise ApiError(500, f"generation failed: {event.text}", "server_error")
             yield event
             if event.finish_reason is not None:
                 return
