@@ -1,0 +1,97 @@
+"""Group-wise asymmetric quantization of Linear weights: N-bit codes with a scale and a min per group.
+
+Each output row is cut into groups of ``group_size`` consecutive input columns; a group's values
+become codes q in 0..2^N-1 with
+
+    w ~ scale * q + min,   scale = (max - min) / (2^N - 1),   min = the group's minimum
+
+(QA-LoRA's "float-min" form, and GGUF Q4_1's for N=4, g=32). The codes are computed against the
+scale and min as stored (after rounding to their dtype), so de-quantization reproduces exactly
+the values the codes were chosen for. Codes are packed little-endian into bytes: 8 codes of N bits
+fill N bytes, so 3-bit codes take 3/8 byte each and nothing is wasted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.errors import ConfigError
+
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class QuantizedWeight:
+    """A (out, in) weight as packed codes (out, in * bits / 8) uint8, and (out, in / group_size)
+    scales and mins."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight the codes stand for: scale * q + min, group by group."""
+        out, cols = self.shape
+        q = unpack_codes(self.codes, self.bits, cols).view(out, cols // self.group_size, self.group_size)
+        w = q.to(dtype) * self.scales.to(dtype)[..., None] + self.mins.to(dtype)[..., None]
+        return w.view(out, cols)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins))
+
+
+def check_spec(bits: int, group_size: int, in_features: int | None = None) -> None:
+    if bits not in BITS:
+        raise ConfigError(f"bits={bits}: lorakit quantizes to {', '.join(map(str, BITS))} bits")
+    if group_size not in GROUP_SIZES:
+        raise ConfigError(f"group_size={group_size}: use one of {', '.join(map(str, GROUP_SIZES))}")
+    if in_features is not None and in_features % group_size:
+        raise ConfigError(f"a layer with {in_features} inputs cannot be cut into groups of {group_size}; "
+                          f"choose a group size that divides {in_features}, or leave the layer unquantized")
+
+
+def quantize_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 32,
+                    scale_dtype: torch.dtype = torch.float16, min_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+    """Quantize a (out, in) weight group-wise (see the module docstring)."""
+    if weight.dim() != 2:
+        raise ConfigError(f"group-wise quantization takes a (out, in) weight, not shape {tuple(weight.shape)}")
+    out, cols = weight.shape
+    check_spec(bits, group_size, cols)
+    levels = (1 << bits) - 1
+    w = weight.detach().float().view(out, cols // group_size, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)  # (out, n_groups)
+    mins = low.to(min_dtype)
+    scales = ((high - low) / levels).to(scale_dtype)
+    # A constant group has scale 0: every code is 0 and the min alone carries the value.
+    step = torch.where(scales.float() > 0, scales.float(), torch.ones_like(low))
+    q = torch.round((w - mins.float()[..., None]) / step[..., None]).clamp_(0, levels).to(torch.uint8)
+    return QuantizedWeight(pack_codes(q.view(out, cols), bits), scales, mins, bits, group_size, (out, cols))
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., n) codes of ``bits`` bits (n a multiple of 8) -> (..., n * bits / 8) bytes."""
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    *lead, n = codes.shape
+    eight = codes.reshape(*lead, n // 8, 8).to(torch.int64)
+    word = (eight << (bits * torch.arange(8, device=codes.device))).sum(dim=-1)  # 8 codes in 8 * bits bits
+    packed = (word[..., None] >> (8 * torch.arange(bits, device=codes.device))) & 0xFF  # (..., n / 8, bits) bytes
+    return packed.to(torch.uint8).reshape(*lead, n * bits // 8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The inverse of pack_codes: (..., n * bits / 8) bytes -> (..., n) codes as uint8."""
+    if bits == 8:
+        return packed
+    *lead, _ = packed.shape
+    chunks = packed.reshape(*lead, n // 8, bits).to(torch.int64)
+    word = (chunks << (8 * torch.arange(bits, device=packed.device))).sum(dim=-1)  # (..., n / 8)
+    codes = (word[..., None] >> (bits * torch.arange(8, device=packed.device))) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(*lead, n)
