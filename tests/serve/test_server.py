@@ -143,3 +143,14 @@ def test_the_admin_loads_and_unloads_adapters_from_the_adapter_directory_only(se
 def test_an_open_server_refuses_to_listen_beyond_loopback(capsys):
     assert main(["serve", "--host", "0.0.0.0"]) == 2
     assert "loopback only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--adapter", "orders"], "NAME=DIR"),
+    (["--tenants", "no-such-file.yaml"], "cannot read the tenants file"),
+    (["--adapter-dir", "no-such-dir"], "no such directory"),
+    (["--max-batch", "0"], "at least 1"),
+])
+def test_serve_arguments_are_checked_before_the_model_loads(args, words, capsys):
+    assert main(["serve", *args]) == 2
+    assert words in capsys.readouterr().err
