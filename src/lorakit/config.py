@@ -23,6 +23,7 @@ from lorakit.errors import ConfigError
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("default", "gaussian")
+QALORA_POOL = "sum"  # lorakit's QA-LoRA sums the input over each quantization group
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class LoraConfig:
     """Recorded in adapter_config.json so a reader knows which base the adapter belongs to."""
     task_type: str | None = None
     """PEFT's task type ("CAUSAL_LM", "SEQ_CLS", ...), recorded for PEFT's loader."""
+    qalora_group_size: int | None = None
+    """Set when saving a QA-LoRA adapter (one over lorakit's QuantLinear layers): the quantization
+    group its A sums the input over. Recorded with "qalora_pool": "sum", because a merge depends on
+    the pooling convention and PEFT's differs (a mean scaled by the number of groups)."""
 
     def __post_init__(self) -> None:
         _check_positive_int("r", self.r)
@@ -91,6 +96,8 @@ class LoraConfig:
         for pattern, alpha in self.alpha_pattern.items():
             _check_regex(f"alpha_pattern key {pattern!r}", pattern)
             _check_positive_number(f"alpha_pattern[{pattern!r}]", alpha)
+        if self.qalora_group_size is not None:
+            _check_positive_int("qalora_group_size", self.qalora_group_size)
         self._set("rank_pattern", dict(self.rank_pattern))
         self._set("alpha_pattern", dict(self.alpha_pattern))
 
@@ -124,7 +131,9 @@ class LoraConfig:
         the config said "all-linear" or the layers were built by hand, so PEFT adapts exactly
         the modules lorakit did.
         """
-        return {
+        qalora = {"use_qalora": True, "qalora_group_size": self.qalora_group_size, "qalora_pool": QALORA_POOL} \
+            if self.qalora_group_size else {}
+        return qalora | {
             "alpha_pattern": dict(self.alpha_pattern),
             "auto_mapping": None,
             "base_model_name_or_path": self.base_model_name_or_path,
@@ -172,6 +181,12 @@ class LoraConfig:
             raise ConfigError(f"{source}: {key}={value!r} is not supported ({reason})")
         if "r" not in data or "lora_alpha" not in data:
             raise ConfigError(f"{source}: missing 'r' or 'lora_alpha'; is this a LoRA adapter_config.json?")
+        qalora = data.get("use_qalora") is True
+        if qalora and data.get("qalora_pool") != QALORA_POOL:
+            pooled = f"pooled as {data['qalora_pool']!r}" if "qalora_pool" in data else \
+                "from PEFT (its input pooled as a mean times the number of groups)"
+            raise ConfigError(f"{source}: a QA-LoRA adapter {pooled}; lorakit reads QA-LoRA adapters that sum the "
+                              f"input over each group (qalora_pool: {QALORA_POOL!r}), since merging depends on it")
         return cls(
             r=data["r"],
             alpha=data["lora_alpha"],
@@ -187,6 +202,7 @@ class LoraConfig:
             fan_in_fan_out=data.get("fan_in_fan_out", False),
             base_model_name_or_path=data.get("base_model_name_or_path") or "",
             task_type=data.get("task_type"),
+            qalora_group_size=data.get("qalora_group_size") if qalora else None,
         )
 
 
@@ -207,19 +223,15 @@ def module_matches(patterns: str | tuple[str, ...], module_name: str) -> bool:
 _PEFT_KEYS_READ = {
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "modules_to_save",
     "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
-    "base_model_name_or_path", "task_type", "peft_type",
+    "base_model_name_or_path", "task_type", "peft_type", "use_qalora", "qalora_group_size", "qalora_pool",
 }
-# Keys that describe the file, not the maths (qalora_group_size is only read when use_qalora is set).
-_PEFT_KEYS_METADATA = {
-    "peft_version", "revision", "inference_mode", "auto_mapping", "megatron_core",
-    "qalora_group_size",
-}
+# Keys that describe the file, not the maths.
+_PEFT_KEYS_METADATA = {"peft_version", "revision", "inference_mode", "auto_mapping", "megatron_core"}
 _PEFT_UNSUPPORTED = {
     "use_dora": "DoRA is not implemented in lorakit yet",
     "lora_bias": "a trainable bias on lora_B is not implemented in lorakit",
     "layers_to_transform": "layer selection by index is not implemented; list the module names instead",
     "layers_pattern": "layer selection by index is not implemented; list the module names instead",
-    "use_qalora": "QA-LoRA adapters are read by lorakit's QA-LoRA support, not as plain LoRA",
     "target_parameters": "LoRA on raw parameters (MoE experts) is not implemented",
     "trainable_token_indices": "trainable tokens are not implemented",
     "layer_replication": "layer replication is not implemented",

@@ -29,7 +29,8 @@ from lorakit.config import ALL_LINEAR, LoraConfig, module_matches
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.inject import InjectionPlan, apply_plan, finish_injection, plan_injection
 from lorakit.io.atomic import atomic_path, atomic_write_text
-from lorakit.layers import Embedding, ModulesToSave, lora_class_for
+from lorakit.layers import Embedding, ModulesToSave, QALoraLinear, lora_class_for
+from lorakit.quant.linear import QuantLinear
 from lorakit.walk import bias_parameters, lora_layers, model_modules, saved_modules
 
 PREFIX = "base_model.model."
@@ -95,7 +96,8 @@ def _expected_shapes(model: nn.Module, plan: InjectionPlan) -> tuple[dict[str, t
         a_shape, b_shape = cls.adapter_shapes(module, plan.config.rank_for(path))
         a_key, b_key = matrix_keys(path, issubclass(cls, Embedding))
         required[a_key], required[b_key] = a_shape, b_shape
-        optional[_param_key(path, "base_layer.weight")] = tuple(module.weight.shape)
+        if isinstance(getattr(module, "weight", None), torch.Tensor):  # a quantized base has none to replace
+            optional[_param_key(path, "base_layer.weight")] = tuple(module.weight.shape)
     for path, module in plan.saved.items():
         original = module.original_module if isinstance(module, ModulesToSave) else module
         for param_name, param in original.named_parameters():
@@ -117,6 +119,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.lora]
     config = config.replace(
         fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),
+        qalora_group_size=_qalora_group_size(layers),
         base_model_name_or_path=config.base_model_name_or_path or str(getattr(model, "name_or_path", "") or ""),
     )
     file_config = config.to_peft_dict(_file_targets(model, config, [path for path, _ in layers]))
@@ -128,6 +131,18 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     atomic_write_text(directory / CONFIG_NAME, json.dumps(file_config, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def _qalora_group_size(layers: list[tuple[str, nn.Module]]) -> int | None:
+    """The group size a QA-LoRA adapter pools over (None for plain LoRA), one for all its layers."""
+    qalora = [layer for _, layer in layers if isinstance(layer, QALoraLinear)]
+    if not qalora:
+        return None
+    sizes = {layer.group_size for layer in qalora}
+    if len(sizes) > 1 or len(qalora) != len(layers):
+        raise ConfigError("a QA-LoRA adapter must adapt quantized layers of one group size only; this one has "
+                          f"group sizes {sorted(sizes)} and {len(layers) - len(qalora)} unquantized layer(s)")
+    return sizes.pop()
 
 
 def _adapter_to_save(model: nn.Module) -> str:
@@ -215,18 +230,31 @@ def load_adapter(
     """
     config, tensors = read_adapter(directory)
     plan = plan_injection(model, config, name, activate)
+    _check_qalora_fits(config, plan, directory)
     required, optional = _expected_shapes(model, plan)
     _check_tensors(tensors, required, optional, str(_weights_path(directory)))
 
     apply_plan(model, plan, init=False)
     slots = adapter_slots(model, name)
-    base_weights = {_param_key(path, "base_layer.weight"): model.get_submodule(path).weight for path in plan.targets}
+    base_weights = {_param_key(path, "base_layer.weight"): model.get_submodule(path).weight for path in plan.targets
+                    if _param_key(path, "base_layer.weight") in tensors}
     with torch.no_grad():
         for key, tensor in tensors.items():
             target = slots[key] if key in slots else base_weights[key]
             target.copy_(tensor.to(target.dtype))
     finish_injection(model, name, activate)
     return model
+
+
+def _check_qalora_fits(config: LoraConfig, plan: InjectionPlan, directory: str | Path) -> None:
+    """A QA-LoRA adapter goes on quantized layers of its group size, a plain one on plain layers."""
+    for path, module in plan.targets.items():
+        group = getattr(module, "group_size", None) if isinstance(module, QuantLinear) else None
+        if group != config.qalora_group_size:
+            want = f"quantized with groups of {config.qalora_group_size}" if config.qalora_group_size else "not quantized"
+            have = f"quantized with groups of {group}" if group else "not quantized"
+            raise AdapterFileError(f"{directory}: the adapter needs {path} {want}, but it is {have}; load it onto "
+                                   "the base it was trained on")
 
 
 def _check_tensors(

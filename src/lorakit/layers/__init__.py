@@ -11,10 +11,13 @@ from lorakit.layers.conv import Conv1d, Conv2d
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear
 from lorakit.layers.modules_to_save import ModulesToSave
+from lorakit.layers.qalora import QALoraLinear
+from lorakit.quant.linear import QuantLinear
 
-_FAMILIES: dict[type, type] = {nn.Linear: Linear, nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Embedding: Embedding}
+_FAMILIES: dict[type, type] = {nn.Linear: Linear, nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Embedding: Embedding,
+                               QuantLinear: QALoraLinear}
 
-SUPPORTED_TYPES = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding and transformers' Conv1D"
+SUPPORTED_TYPES = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, transformers' Conv1D and lorakit's QuantLinear"
 
 
 def transformers_conv1d() -> type | None:
@@ -56,6 +59,7 @@ __all__ = [
     "LoraAdapter",
     "LoraLayer",
     "ModulesToSave",
+    "QALoraLinear",
     "is_linear",
     "lora_class_for",
     "transformers_conv1d",

@@ -137,6 +137,11 @@ class LoraLayer:
     def plain_module(self) -> nn.Module:
         raise NotImplementedError
 
+    def _adapter_placement(self) -> tuple[torch.device, torch.dtype]:
+        """Where new adapters live: the weight's device, float32 even over a half-precision base
+        (float64 stays float64)."""
+        return self.weight.device, torch.promote_types(self.weight.dtype, torch.float32)
+
     def _init_adapter(self, adapter: LoraAdapter, init: str) -> None:
         """Start from an unchanged model: B = 0, A random (loralib's and PEFT's choice)."""
         if init == "gaussian":
@@ -156,11 +161,8 @@ class LoraLayer:
         r = config.r if r is None else r
         scaling = lora_scaling(config.alpha, r, config.use_rslora) if scaling is None else scaling
         a_shape, b_shape = self.adapter_shapes(self, r)
-        # Adapters train in float32 even over a half-precision base (float64 stays float64).
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        adapter = LoraAdapter(
-            a_shape, b_shape, scaling, config.dropout if self.uses_dropout else 0.0, config, self.weight.device, dtype
-        )
+        device, dtype = self._adapter_placement()
+        adapter = LoraAdapter(a_shape, b_shape, scaling, config.dropout if self.uses_dropout else 0.0, config, device, dtype)
         if init:
             with torch.no_grad():
                 self._init_adapter(adapter, config.init)

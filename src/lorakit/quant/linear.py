@@ -1,0 +1,51 @@
+"""A Linear layer over a group-wise quantized weight, de-quantized on the fly in forward."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.quant.groupwise import QuantizedWeight, quantize_weight
+
+
+class QuantLinear(nn.Module):
+    """y = x W~^T + b, W~ = scale * q + min per group; codes, scales and mins are buffers (frozen)."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.bits, self.group_size = weight.bits, weight.group_size
+        self.register_buffer("codes", weight.codes)  # (out, in * bits / 8) uint8
+        self.register_buffer("scales", weight.scales)  # (out, in / group_size)
+        self.register_buffer("mins", weight.mins)  # (out, in / group_size)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32,
+                    min_dtype: torch.dtype = torch.float16) -> QuantLinear:
+        weight = quantize_weight(linear.weight, bits, group_size, min_dtype=min_dtype)
+        return cls(weight, linear.bias)
+
+    @property
+    def quantized(self) -> QuantizedWeight:
+        return QuantizedWeight(self.codes, self.scales, self.mins, self.bits, self.group_size,
+                               (self.out_features, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized.dequantize(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, mins={str(self.mins.dtype).removeprefix('torch.')}")
+
+
+def quantize_linears(model: nn.Module, bits: int = 4, group_size: int = 32, skip: tuple[str, ...] = ("lm_head",),
+                     min_dtype: torch.dtype = torch.float16) -> nn.Module:
+    """Replace every nn.Linear (except names ending in ``skip``) by a QuantLinear, in place."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and not name.endswith(skip):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, leaf, QuantLinear.from_linear(module, bits, group_size, min_dtype))
+    return model
