@@ -29,7 +29,7 @@ class QALoraLinear(LoraLayer, QuantLinear):
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         QuantLinear.__init__(self, weight, bias)
         self._setup_lora()
-        self._mins_before: list[torch.Tensor] = []  # the mins before each merge: unmerging restores them exactly
+        self._unmerged_mins: torch.Tensor | None = None  # the mins before the first merge: unmerge restores them
 
     @classmethod
     def from_base(cls, base: QuantLinear) -> QALoraLinear:
@@ -80,15 +80,16 @@ class QALoraLinear(LoraLayer, QuantLinear):
         shifted = self._shifted_mins(to_merge)
         if not torch.isfinite(shifted).all():
             raise MergeError("merging would make a group's min NaN or infinite")
-        self._mins_before.append(self.mins.clone())
+        if self._unmerged_mins is None:
+            self._unmerged_mins = self.mins.clone()
         self.mins.copy_(shifted)
         self.merged_adapters += to_merge
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if self._mins_before:
-            self.mins.copy_(self._mins_before[0])
-        self._mins_before.clear()
+        if self._unmerged_mins is not None:
+            self.mins.copy_(self._unmerged_mins)
+        self._unmerged_mins = None
         self.merged_adapters.clear()
 
     def _shifted_mins(self, names: list[str]) -> torch.Tensor:

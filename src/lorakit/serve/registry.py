@@ -10,6 +10,7 @@ evicted or unloaded.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -73,7 +74,7 @@ class AdapterRegistry:
                 raise AdapterFileError(f"{directory}: holds no LoRA matrices")
             if max(ranks) > self.max_rank:
                 raise AdapterFileError(f"{directory}: rank {max(ranks)} is above this server's limit of {self.max_rank}")
-            size = sum(4 * _numel(shape) for shape, _ in header.values())  # held in float32
+            size = sum(4 * math.prod(shape) for shape, _ in header.values())  # held in float32
             info = AdapterInfo(name, Path(directory), max(ranks), size)
             self._adapters[name] = info
             if load:
@@ -161,13 +162,6 @@ class AdapterRegistry:
             if not all(torch.isfinite(p).all() for p in (adapter.lora_A, adapter.lora_B)):
                 delete_adapter(self.model, name)
                 raise AdapterFileError(f"{self._adapters[name].directory}: {path} holds NaN or infinite values")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _check_name(name: str) -> None:
