@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from lorakit import __version__
-from lorakit.commands import evaluate, generate, info, serve, train
+from lorakit.commands import evaluate, generate, info, merge, quantize, serve, train
 from lorakit.errors import LorakitError
 
 
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for command in (train, evaluate, generate, info, serve):
+    for command in (train, evaluate, generate, merge, quantize, info, serve):
         command.register(commands)
     return parser
 

@@ -69,6 +69,9 @@ class LoraConfig:
     """Set when saving a QA-LoRA adapter (one over lorakit's QuantLinear layers): the quantization
     group its A sums the input over. Recorded with "qalora_pool": "sum", because a merge depends on
     the pooling convention and PEFT's differs (a mean scaled by the number of groups)."""
+    qalora_bits: int | None = None
+    """Set with qalora_group_size: the bits of the quantized base the adapter was trained on, so
+    a loader given the float base can quantize it the same way."""
 
     def __post_init__(self) -> None:
         _check_positive_int("r", self.r)
@@ -96,8 +99,9 @@ class LoraConfig:
         for pattern, alpha in self.alpha_pattern.items():
             _check_regex(f"alpha_pattern key {pattern!r}", pattern)
             _check_positive_number(f"alpha_pattern[{pattern!r}]", alpha)
-        if self.qalora_group_size is not None:
-            _check_positive_int("qalora_group_size", self.qalora_group_size)
+        for name in ("qalora_group_size", "qalora_bits"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
         self._set("rank_pattern", dict(self.rank_pattern))
         self._set("alpha_pattern", dict(self.alpha_pattern))
 
@@ -131,8 +135,8 @@ class LoraConfig:
         the config said "all-linear" or the layers were built by hand, so PEFT adapts exactly
         the modules lorakit did.
         """
-        qalora = {"use_qalora": True, "qalora_group_size": self.qalora_group_size, "qalora_pool": QALORA_POOL} \
-            if self.qalora_group_size else {}
+        qalora = {"use_qalora": True, "qalora_group_size": self.qalora_group_size, "qalora_pool": QALORA_POOL,
+                  "qalora_bits": self.qalora_bits} if self.qalora_group_size else {}
         return qalora | {
             "alpha_pattern": dict(self.alpha_pattern),
             "auto_mapping": None,
@@ -203,6 +207,7 @@ class LoraConfig:
             base_model_name_or_path=data.get("base_model_name_or_path") or "",
             task_type=data.get("task_type"),
             qalora_group_size=data.get("qalora_group_size") if qalora else None,
+            qalora_bits=data.get("qalora_bits") if qalora else None,
         )
 
 
@@ -224,6 +229,7 @@ _PEFT_KEYS_READ = {
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "modules_to_save",
     "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
     "base_model_name_or_path", "task_type", "peft_type", "use_qalora", "qalora_group_size", "qalora_pool",
+    "qalora_bits",
 }
 # Keys that describe the file, not the maths.
 _PEFT_KEYS_METADATA = {"peft_version", "revision", "inference_mode", "auto_mapping", "megatron_core"}

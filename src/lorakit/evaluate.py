@@ -102,12 +102,14 @@ def _decode_on(model: nn.Module, tokenizer, starts: list[GreedyStart], rows: lis
 
 def compare_base_and_adapter(model: nn.Module, tokenizer, data: str | Path, limit: int | None = None,
                              batch_size: int = 16, with_base: bool = True, examples: int = 3,
-                             progress: bool = False) -> tuple[list[dict], list[Score], list[int]]:
+                             progress: bool = False, merged: bool = True) -> tuple[list[dict], list[Score], list[int]]:
     """(records, scores, shown): the adapter's score, preceded by the base model's (adapters
-    disabled), and the rows worth showing (the adapter's misses first). The adapter is merged for
-    its pass, so generation runs at the base model's speed; it is unmerged after."""
+    disabled), and the rows worth showing (the adapter's misses first). With ``merged`` the
+    adapter is merged for its pass, so generation runs at the base model's speed, and unmerged
+    after; without, it is computed alongside the base layers, as in training."""
     records = read_records(data)[:limit]
-    merge(model)
+    if merged:
+        merge(model)
     try:
         adapter = score_model(model, tokenizer, records, "adapter", batch_size, progress)
     finally:

@@ -15,13 +15,19 @@ from torch import nn
 from lorakit.data.tokenize import padding_id
 from lorakit.io.base_model import load_base
 from lorakit.io.peft_format import load_adapter, read_adapter_config
+from lorakit.quant.model import QuantSpec, is_quantized_directory
 
 
 def load_for_inference(base: str | None, adapter: str | Path | None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) in eval mode on the best device, with ``adapter`` loaded if given."""
-    model, tokenizer = load_base(base, dtype)
+    """(model, tokenizer) in eval mode on the best device, with ``adapter`` loaded if given.
+    A QA-LoRA adapter gets its base quantized as it was in training (unless ``base`` already is)."""
+    config = read_adapter_config(adapter) if adapter is not None else None
+    quant = None
+    if config is not None and config.qalora_group_size and not is_quantized_directory(base or "."):
+        quant = QuantSpec(config.qalora_bits or 4, config.qalora_group_size)
+    model, tokenizer = load_base(base, dtype, quant)
     if adapter is not None:
-        recorded = read_adapter_config(adapter).base_model_name_or_path
+        recorded = config.base_model_name_or_path
         if recorded and recorded != str(model.name_or_path):
             print(f"lorakit: warning: {adapter} was trained on {recorded}, not {model.name_or_path}", file=sys.stderr)
         load_adapter(model, adapter)

@@ -20,6 +20,13 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.quant.model import (
+    QuantSpec,
+    is_quantized_directory,
+    load_quantized,
+    quantize_model,
+    quantized_spec,
+)
 
 DEFAULT_BASE = "smollm2"
 DEFAULT_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -30,20 +37,55 @@ class BaseModelError(LorakitError):
     """The base model cannot be found or read."""
 
 
-def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32,
+              quant: QuantSpec | None = None) -> tuple[nn.Module, object]:
     """(model, tokenizer) for ``spec``: None or "smollm2" (the embedded default), a model directory
-    (config.json + weights), or a .gguf file."""
-    if spec is None or str(spec) == DEFAULT_BASE:
-        return _load_gguf(embedded_gguf_path(), dtype, name=DEFAULT_BASE_NAME)
+    (config.json + weights; or a quantized one written by ``lorakit quantize``), or a .gguf file.
+
+    With ``quant`` the Linear layers (all but lm_head) come back group-wise quantized; from a GGUF
+    Q4_1 file and a 4-bit, group-32 spec they are the file's own blocks, not re-quantized.
+    """
+    gguf = _gguf_path(spec)
+    path = Path(spec or DEFAULT_BASE)
+    if gguf is not None:
+        name = DEFAULT_BASE_NAME if _is_default(spec) else str(gguf)
+        model, tokenizer = _load_gguf(gguf, dtype, name=name)
+    elif path.is_dir() and is_quantized_directory(path):
+        model, tokenizer = load_quantized(path, dtype)
+        have = quantized_spec(model)
+        if quant is not None and quant != have:
+            raise BaseModelError(f"{spec} is quantized {have}, not {quant}; quantize the float model instead")
+        return model, tokenizer
+    elif path.is_dir() and (path / "config.json").is_file():
+        model, tokenizer = _load_directory(path, dtype)
+    else:
+        raise BaseModelError(
+            f"{spec}: not a model directory (with config.json) or a .gguf file; "
+            f"leave --base out for the embedded default ({DEFAULT_BASE_NAME})"
+        )
+    if quant is not None:
+        quantize_model(model, quant, gguf)
+    return model, tokenizer
+
+
+def gguf_source(spec: str | Path | None) -> Path:
+    """The GGUF file base ``spec`` is read from (what a GGUF export takes as its template)."""
+    gguf = _gguf_path(spec)
+    if gguf is None:
+        raise BaseModelError(f"{spec} is not a GGUF base; a GGUF export needs the GGUF file the base came from "
+                             f"(--base {DEFAULT_BASE} or --base FILE.gguf)")
+    return gguf
+
+
+def _gguf_path(spec: str | Path | None) -> Path | None:
+    if _is_default(spec):
+        return embedded_gguf_path()
     path = Path(spec)
-    if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype, name=str(path))
-    if path.is_dir() and (path / "config.json").is_file():
-        return _load_directory(path, dtype)
-    raise BaseModelError(
-        f"{spec}: not a model directory (with config.json) or a .gguf file; "
-        f"leave --base out for the embedded default ({DEFAULT_BASE_NAME})"
-    )
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
+def _is_default(spec: str | Path | None) -> bool:
+    return spec is None or str(spec) == DEFAULT_BASE
 
 
 def embedded_gguf_path() -> Path:

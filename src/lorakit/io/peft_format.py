@@ -119,7 +119,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.lora]
     config = config.replace(
         fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),
-        qalora_group_size=_qalora_group_size(layers),
+        **_qalora_fields(layers),
         base_model_name_or_path=config.base_model_name_or_path or str(getattr(model, "name_or_path", "") or ""),
     )
     file_config = config.to_peft_dict(_file_targets(model, config, [path for path, _ in layers]))
@@ -133,16 +133,18 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     return directory
 
 
-def _qalora_group_size(layers: list[tuple[str, nn.Module]]) -> int | None:
-    """The group size a QA-LoRA adapter pools over (None for plain LoRA), one for all its layers."""
+def _qalora_fields(layers: list[tuple[str, nn.Module]]) -> dict[str, int | None]:
+    """The group size a QA-LoRA adapter pools over and its base's bits (None for plain LoRA),
+    one of each for all its layers."""
     qalora = [layer for _, layer in layers if isinstance(layer, QALoraLinear)]
     if not qalora:
-        return None
-    sizes = {layer.group_size for layer in qalora}
-    if len(sizes) > 1 or len(qalora) != len(layers):
-        raise ConfigError("a QA-LoRA adapter must adapt quantized layers of one group size only; this one has "
-                          f"group sizes {sorted(sizes)} and {len(layers) - len(qalora)} unquantized layer(s)")
-    return sizes.pop()
+        return {"qalora_group_size": None, "qalora_bits": None}
+    specs = {(layer.bits, layer.group_size) for layer in qalora}
+    if len(specs) > 1 or len(qalora) != len(layers):
+        raise ConfigError("a QA-LoRA adapter must adapt quantized layers of one spec only; this one has "
+                          f"(bits, group size) {sorted(specs)} and {len(layers) - len(qalora)} unquantized layer(s)")
+    bits, group_size = specs.pop()
+    return {"qalora_group_size": group_size, "qalora_bits": bits}
 
 
 def _adapter_to_save(model: nn.Module) -> str:

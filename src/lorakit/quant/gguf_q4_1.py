@@ -51,11 +51,11 @@ def read_llama_q4_1(path: str | Path) -> dict[str, QuantizedWeight]:
     from gguf import GGMLQuantizationType, GGUFReader
 
     reader = GGUFReader(str(path))
-    arch = _field(reader, "general.architecture")
+    arch = field_value(reader, "general.architecture")
     if arch != "llama":
         raise ConfigError(f"{path}: architecture {arch!r}; reading Q4_1 weights directly supports llama only")
-    heads = int(_field(reader, "llama.attention.head_count"))
-    kv_heads = int(_field(reader, "llama.attention.head_count_kv") or heads)
+    heads = int(field_value(reader, "llama.attention.head_count"))
+    kv_heads = int(field_value(reader, "llama.attention.head_count_kv") or heads)
     weights = {}
     for tensor in reader.tensors:
         parts = tensor.name.split(".")  # blk.N.<kind>.weight
@@ -65,12 +65,12 @@ def read_llama_q4_1(path: str | Path) -> dict[str, QuantizedWeight]:
             raise ConfigError(f"{path}: {tensor.name} is {tensor.tensor_type.name}, not Q4_1")
         weight = q4_1_weight(tensor.data)
         if parts[2] in ("attn_q", "attn_k"):
-            weight = _permute_rows(weight, _rope_order(weight.shape[0], heads if parts[2] == "attn_q" else kv_heads))
+            weight = _permute_rows(weight, rope_order(weight.shape[0], heads if parts[2] == "attn_q" else kv_heads))
         weights[f"model.layers.{parts[1]}.{LLAMA_LINEARS[parts[2]]}"] = weight
     return weights
 
 
-def _rope_order(rows: int, heads: int) -> torch.Tensor:
+def rope_order(rows: int, heads: int) -> torch.Tensor:
     """Row r of transformers' weight is row order[r] of the GGUF one (llama.cpp's permute, undone)."""
     return torch.arange(rows).view(heads, rows // heads // 2, 2).transpose(1, 2).reshape(rows)
 
@@ -80,7 +80,7 @@ def _permute_rows(weight: QuantizedWeight, order: torch.Tensor) -> QuantizedWeig
                            weight.group_size, weight.shape)
 
 
-def _field(reader, key: str):
+def field_value(reader, key: str):
     field = reader.fields.get(key)
     if field is None:
         return None

@@ -91,6 +91,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return packed
     *lead, _ = packed.shape
+    if bits in (2, 4):  # whole codes per byte: shift and mask bytes, no int64 words (the hot path in forward)
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).reshape(*lead, n)
     chunks = packed.reshape(*lead, n // 8, bits).to(torch.int64)
     word = (chunks << (8 * torch.arange(bits, device=packed.device))).sum(dim=-1)  # (..., n / 8)
     codes = (word[..., None] >> (bits * torch.arange(8, device=packed.device))) & ((1 << bits) - 1)

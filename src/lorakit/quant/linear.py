@@ -33,11 +33,28 @@ class QuantLinear(nn.Module):
                                (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _DequantizedLinear.apply(x, self.quantized, self.bias)
         return F.linear(x, self.quantized.dequantize(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, mins={str(self.mins.dtype).removeprefix('torch.')}")
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """x W~^T + b with the gradient for x only (W~ and b are frozen). Backward de-quantizes W~
+    again instead of keeping it from forward: training then holds the packed weights, never a
+    float copy of every layer's weight for the whole backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight  # packed codes, scales and mins: the buffers themselves, nothing copied
+        return F.linear(x, weight.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.weight.dequantize(grad.dtype), None, None
 
 
 def quantize_linears(model: nn.Module, bits: int = 4, group_size: int = 32, skip: tuple[str, ...] = ("lm_head",),

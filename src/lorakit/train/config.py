@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError
+from lorakit.quant.model import QuantSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Fields that may differ when resuming: they change neither the maths nor the data order.
@@ -52,14 +53,18 @@ class TrainConfig:
     seed: int = _doc("seed for adapter init, data order and dropout", 0)
     gradient_checkpointing: bool = _doc("recompute activations in backward: less memory, ~30% slower", False)
     dtype: str = _doc("dtype of the frozen base: float32, bfloat16 or float16 (adapters train in float32)", "float32")
+    quant_bits: int = _doc("keep the frozen base's linear layers quantized to 2, 3, 4 or 8 bits and train QA-LoRA, "
+                           "which merges into them exactly (0: a float base and plain LoRA)", 0)
+    quant_group_size: int = _doc("quantization group along the input dimension (32, 64 or 128); the embedded "
+                                 "SmolLM2 at 4 bits, group 32, keeps its GGUF Q4_1 weights as they are", 32)
     threads: int = _doc("CPU threads for torch (0: torch's default)", 0)
     progress: bool = _doc("draw a progress bar", True)
 
     def __post_init__(self) -> None:
-        positive = ("r", "epochs", "batch_size", "grad_accum", "max_length")
+        positive = ("r", "epochs", "batch_size", "grad_accum", "max_length", "quant_group_size")
         for name in positive:
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "seed", "threads"):
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "seed", "threads", "quant_bits"):
             _check_int(name, getattr(self, name), minimum=0)
         for name in ("alpha", "lr"):
             value = getattr(self, name)
@@ -71,6 +76,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         if self.min_lr_ratio > 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.quant_bits:
+            QuantSpec(self.quant_bits, self.quant_group_size)  # a clear error for bad bits or groups
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if isinstance(self.target_modules, str):
@@ -84,6 +91,9 @@ class TrainConfig:
         if self.target_modules == ["all-linear"]:
             return "all-linear"
         return tuple(self.target_modules)
+
+    def quant_spec(self) -> QuantSpec | None:
+        return QuantSpec(self.quant_bits, self.quant_group_size) if self.quant_bits else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -64,7 +64,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    model, tokenizer = load_base(config.base, getattr(torch, config.dtype))
+    model, tokenizer = load_base(config.base, getattr(torch, config.dtype), config.quant_spec())
     pad_id = padding_id(tokenizer)
     train_set = tokenize_file(config.train, tokenizer, config.max_length)
     val_set = tokenize_file(config.val, tokenizer, config.max_length) if config.val else []
