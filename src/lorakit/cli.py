@@ -6,7 +6,16 @@ import argparse
 import sys
 
 from lorakit import __version__
-from lorakit.commands import evaluate, generate, info, merge, quantize, serve, train
+from lorakit.commands import (
+    compress,
+    evaluate,
+    generate,
+    info,
+    merge,
+    quantize,
+    serve,
+    train,
+)
 from lorakit.errors import LorakitError
 
 
@@ -33,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for command in (train, evaluate, generate, merge, quantize, info, serve):
+    for command in (train, evaluate, generate, merge, quantize, compress, info, serve):
         command.register(commands)
     return parser
 

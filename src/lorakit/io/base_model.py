@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit.compress import is_compressed_directory, load_compressed
 from lorakit.errors import LorakitError
 from lorakit.quant.model import (
     QuantSpec,
@@ -40,7 +41,7 @@ class BaseModelError(LorakitError):
 def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32,
               quant: QuantSpec | None = None) -> tuple[nn.Module, object]:
     """(model, tokenizer) for ``spec``: None or "smollm2" (the embedded default), a model directory
-    (config.json + weights; or a quantized one written by ``lorakit quantize``), or a .gguf file.
+    (config.json + weights; or one written by ``lorakit quantize`` or ``lorakit compress``), or a .gguf file.
 
     With ``quant`` the Linear layers (all but lm_head) come back group-wise quantized; from a GGUF
     Q4_1 file and a 4-bit, group-32 spec they are the file's own blocks, not re-quantized.
@@ -56,6 +57,10 @@ def load_base(spec: str | Path | None = None, dtype: torch.dtype = torch.float32
         if quant is not None and quant != have:
             raise BaseModelError(f"{spec} is quantized {have}, not {quant}; quantize the float model instead")
         return model, tokenizer
+    elif path.is_dir() and is_compressed_directory(path):
+        if quant is not None:
+            raise BaseModelError(f"{spec} is a low-rank compressed model; quantize the float model instead")
+        return load_compressed(path, dtype)
     elif path.is_dir() and (path / "config.json").is_file():
         model, tokenizer = _load_directory(path, dtype)
     else:

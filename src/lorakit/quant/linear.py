@@ -66,3 +66,12 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int = 32, skip
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, leaf, QuantLinear.from_linear(module, bits, group_size, min_dtype))
     return model
+
+
+def widen_mins(model: nn.Module) -> nn.Module:
+    """Store every QuantLinear's mins in float32 (in place): a QA-LoRA merge then shifts them without
+    rounding to float16. The values, and so the model's output, do not change."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.mins = module.mins.float()
+    return model

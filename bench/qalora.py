@@ -1,0 +1,186 @@
+"""QA-LoRA on a 4-bit base against LoRA on the float base: memory, training step, inference.
+
+Three measurements on the real SmolLM2-135M-Instruct (its linear layers read straight from the
+embedded GGUF's Q4_1 blocks: 4 bits, groups of 32):
+1. memory of the linear weights, group-wise quantized (2/3/4/8 bits) vs float32;
+2. a training step (r=16, alpha=32, all linear layers, same batches of orders examples, AdamW):
+   QA-LoRA on the 4-bit base vs LoRA on the float32 base, step time and peak memory above the
+   loaded model; one child process per measurement, the two alternating, so noise hits both alike;
+3. greedy decoding speed (batch 1, 32 new tokens) of the 4-bit model with a QA-LoRA adapter
+   unmerged, the same merged (still 4-bit), and the float32 model with a LoRA adapter merged.
+
+    python bench/qalora.py [--trials 3] [--steps 4] [--batch 8] [--device cpu]
+
+Writes bench/results/qalora_<device>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.common import PeakMemory, alternate_workers, write_table
+
+VARIANTS = ("qalora", "lora")
+DATA = ROOT / "data" / "orders" / "train.jsonl"
+PROMPT = "Order: two large pepperoni pizzas and a cola, to 5 Oak Road."
+
+
+def _model(variant: str, device: torch.device):
+    """SmolLM2 with a fresh r=16 adapter on every linear layer: QA-LoRA on the 4-bit base, or LoRA on float32."""
+    import lorakit
+    from lorakit.io.base_model import load_base
+    from lorakit.quant.model import QuantSpec
+
+    torch.manual_seed(0)
+    model, tokenizer = load_base(quant=QuantSpec(4, 32) if variant == "qalora" else None)
+    lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+    return model.to(device), tokenizer
+
+
+def train_worker(variant: str, args: argparse.Namespace) -> dict:
+    import lorakit
+    from lorakit.data.batches import collate, epoch_batches
+    from lorakit.data.tokenize import tokenize_file
+    from lorakit.train.loss import loss_sum
+
+    device = torch.device(args.device)
+    model, tokenizer = _model(variant, device)
+    examples = tokenize_file(DATA, tokenizer, max_length=256)
+    rows = epoch_batches([len(e) for e in examples], args.batch, seed=0, epoch=0)[: args.steps + 1]
+    batches = [collate([examples[i] for i in r], tokenizer.pad_token_id).to(device) for r in rows]
+    lorakit.mark_only_lora_as_trainable(model)
+    params = list(lorakit.lora_parameters(model))
+    model.config.use_cache = False
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(batch) -> None:
+        (loss_sum(model, batch) / batch.loss_tokens).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(batches[0])  # warm-up, untimed: also creates AdamW's state
+    times = []
+    for batch in batches[1:]:
+        _sync(device)
+        start = time.perf_counter()
+        step(batch)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    with PeakMemory(device) as memory:
+        step(max(batches[1:], key=lambda b: b.input_ids.numel()))
+    tokens = sum(int(b.attention_mask.sum()) for b in batches[1:])
+    return {"times": times, "peak": memory.peak, "tokens": tokens, "trainable": sum(p.numel() for p in params)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def linear_memory() -> list[list[str]]:
+    """Bytes of the quantized linear weights per spec, against float32 (the output head excluded)."""
+    from lorakit.io.base_model import load_base
+    from lorakit.quant.linear import QuantLinear
+    from lorakit.quant.model import QuantSpec
+
+    rows = []
+    for bits, group in ((4, 32), (4, 128), (3, 32), (2, 32), (8, 32)):
+        model, _ = load_base(quant=QuantSpec(bits, group))
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        packed = sum(m.quantized.nbytes for m in layers)
+        dense = sum(4 * m.in_features * m.out_features for m in layers)
+        source = " (GGUF Q4_1 blocks as they are)" if (bits, group) == (4, 32) else ""
+        rows.append([f"{bits}-bit, groups of {group}{source}", f"{packed / 2**20:.1f} MiB", f"{dense / 2**20:.1f} MiB",
+                     f"**{packed / dense:.3f}x**"])
+    return rows
+
+
+def decode_speeds(device: torch.device, runs: int, new_tokens: int = 32) -> dict[str, float]:
+    """Greedy tokens/s, batch 1, best of ``runs``, for the three inference variants, interleaved."""
+    import lorakit
+    from lorakit.generate import chat_prompt
+
+    qalora, tokenizer = _model("qalora", device)
+    lora, _ = _model("lora", device)
+    with torch.no_grad():  # non-zero adapters (fresh ones have B = 0)
+        for param in [*lorakit.lora_parameters(qalora), *lorakit.lora_parameters(lora)]:
+            param.normal_(0, 0.01)
+    merged_4bit = lorakit.merge_and_unload(copy.deepcopy(qalora)).eval()  # the same adapter, in the mins
+    qalora.eval()
+    lorakit.merge(lora.eval())
+    variants = {"4-bit + QA-LoRA, unmerged": qalora, "4-bit, QA-LoRA merged": merged_4bit,
+                "float32 + LoRA, merged": lora}
+    ids = tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": PROMPT}]), return_tensors="pt").input_ids
+    ids = ids.to(device)
+    best = dict.fromkeys(variants, float("inf"))
+    with torch.no_grad():
+        for _ in range(runs):
+            for name, model in variants.items():
+                _sync(device)
+                start = time.perf_counter()
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+                _sync(device)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return {name: new_tokens / seconds for name, seconds in best.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=3, help="training child processes per variant, alternating")
+    parser.add_argument("--steps", type=int, default=4, help="timed training steps per child, after one warm-up")
+    parser.add_argument("--batch", type=int, default=8, help="examples per training step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(train_worker(args.worker, args)))
+        return
+
+    memory = linear_memory()
+    results = alternate_workers(__file__, VARIANTS, args.trials,
+                                ["--steps", str(args.steps), "--batch", str(args.batch), "--device", args.device])
+    train = {}
+    for variant, runs in results.items():
+        step = statistics.median(t for r in runs for t in r["times"])
+        train[variant] = {"step": step, "peak": statistics.median(r["peak"] for r in runs),
+                          "tokens_per_s": runs[0]["tokens"] / args.steps / step, "trainable": runs[0]["trainable"]}
+    speeds = decode_speeds(torch.device(args.device), runs=args.trials)
+
+    rows = [[f"linear weights, {spec}", packed, f"float32: {dense}", ratio] for spec, packed, dense, ratio in memory]
+    q, f = train["qalora"], train["lora"]
+    rows.append(["training step, QA-LoRA on the 4-bit base",
+                 f"{q['step'] * 1000:.0f} ms, {q['tokens_per_s']:,.0f} tok/s, peak +{q['peak'] / 2**20:.0f} MiB",
+                 (f"LoRA on float32: {f['step'] * 1000:.0f} ms, {f['tokens_per_s']:,.0f} tok/s, "
+                  f"peak +{f['peak'] / 2**20:.0f} MiB"),
+                 f"time **{q['step'] / f['step']:.2f}x**, memory **{q['peak'] / f['peak']:.2f}x**"])
+    unmerged_name = "4-bit + QA-LoRA, unmerged"
+    unmerged = speeds[unmerged_name]
+    rows += [[f"greedy decoding, {name}", f"{tps:.1f} tok/s", f"{unmerged_name}: {unmerged:.1f} tok/s",
+              f"**{tps / unmerged:.2f}x**"] for name, tps in speeds.items() if name != unmerged_name]
+    command = f"python bench/qalora.py --trials {args.trials} --steps {args.steps} --batch {args.batch} --device {args.device}"
+    path = write_table(
+        f"qalora_{args.device}", f"QA-LoRA on a 4-bit base vs LoRA on float32 (SmolLM2-135M-Instruct, {args.device})",
+        command, ["measured", "value", "compared with", "ratio"], rows,
+        notes="Quantized sizes count packed codes plus float16 scales and mins. Training: batches of "
+              f"{args.batch} orders examples, forward + backward + AdamW, {args.trials} alternating child processes x "
+              f"{args.steps} steps; both variants train {q['trainable']:,} vs {f['trainable']:,} adapter parameters "
+              "(QA-LoRA's A is (r, in/32)). The 4-bit layers de-quantize their weights in every forward (and again "
+              "in backward), which costs time on a CPU and saves the float copy.",
+    )
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
