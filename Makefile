@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/lora_overhead.py
 	$(PY) bench/train_step.py
 	$(PY) bench/serve.py
+	$(PY) bench/qalora.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

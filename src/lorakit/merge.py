@@ -74,6 +74,8 @@ def merge_adapter_into_state_dict(
     """Merge the adapter directory ``adapter`` into a saved base ``state_dict`` (keys as in the
     base model's own ``state_dict()``). Returns a new dict; the input is not modified.
 
+    A QA-LoRA adapter merges into a quantized state dict (lorakit's quantized model file): its
+    (out, in / g) update shifts ``<path>.mins``; codes and scales are left as they are.
     Needs no model and no lorakit layers: this is the offline export path.
     """
     from lorakit.io.peft_format import PREFIX, read_adapter, split_adapter_key
@@ -99,10 +101,11 @@ def merge_adapter_into_state_dict(
     for path, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise AdapterFileError(f"{source}: {path} has lora_{next(iter(pair))} without its partner")
-        base_key = f"{path}.weight"
+        base_key = f"{path}.mins" if config.qalora_group_size else f"{path}.weight"
         base = merged.get(base_key)
         if base is None:
-            raise AdapterFileError(f"{source}: adapts {path}, but the state dict has no {base_key!r}")
+            kind = "a quantized state dict (QA-LoRA adapter)" if config.qalora_group_size else "the state dict"
+            raise AdapterFileError(f"{source}: adapts {path}, but {kind} has no {base_key!r}")
         delta = _delta_for_state_dict(config, path, pair["A"], pair["B"], transposed[path], base.shape, source)
         new = (base.to(delta.dtype) + delta).to(base.dtype)
         if check_finite and not torch.isfinite(new).all():
@@ -118,7 +121,7 @@ def _delta_for_state_dict(
     r = config.rank_for(path)
     if a.shape[0] != r or b.shape[1] != r:
         raise AdapterFileError(f"{source}: {path} has rank {a.shape[0]} in the file but r={r} in its config")
-    delta = lora_delta(a, b, config.scaling_for(path))  # (out, in * k...)
+    delta = lora_delta(a, b, config.scaling_for(path))  # (out, in * k...); QA-LoRA: (out, in / g), per group
     if a.dim() > 2:  # convolution: (out, in * k...) -> (out, in, k...)
         delta = delta.view(b.shape[0], *a.shape[1:])
     elif transpose:

@@ -122,3 +122,17 @@ def test_the_file_says_how_the_adapter_pools_and_refuses_the_wrong_base(tmp_path
     (tmp_path / "qalora" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(lorakit.ConfigError, match="pooled as 'mean'"):
         lorakit.read_adapter_config(tmp_path / "qalora")
+
+
+def test_a_qalora_adapter_merges_into_a_quantized_state_dict_offline(tmp_path):
+    model = _model()
+    lorakit.save_adapter(model, tmp_path / "qalora")
+    base = quantize_linears(_llama(), bits=4, group_size=32)  # the same base, fresh
+    merged = lorakit.merge_adapter_into_state_dict(base.state_dict(), tmp_path / "qalora")
+    expected = lorakit.merge_and_unload(model).state_dict()
+    assert merged.keys() == expected.keys()
+    for key, tensor in merged.items():
+        assert torch.equal(tensor, expected[key]), key  # the mins shifted, codes and scales as they were
+    assert lorakit.read_adapter_config(tmp_path / "qalora").qalora_bits == 4
+    with pytest.raises(lorakit.AdapterFileError, match="quantized state dict .* has no 'model.layers.0"):
+        lorakit.merge_adapter_into_state_dict(_llama().state_dict(), tmp_path / "qalora")

@@ -137,18 +137,19 @@ def _yaml_float(path: Path, name: str, text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field. Defaults are None, so only flags given on the command line override."""
+    """One flag per field. A flag not given leaves no attribute (argparse.SUPPRESS), so only flags on
+    the command line override, and the help shows the field's own default, not argparse's."""
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         shown = f.default_factory() if f.default is dataclasses.MISSING else f.default
         text = f"{f.metadata['help']} (default: {_show(shown)})"
         if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif f.type.startswith("list"):
-            parser.add_argument(flag, nargs="+", default=None, metavar="NAME", help=text)
+            parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="NAME", help=text)
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=text)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=text)
 
 
 def from_sources(yaml_path: str | Path | None, args: argparse.Namespace | None,
