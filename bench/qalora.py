@@ -95,7 +95,7 @@ def linear_memory() -> list[list[str]]:
     from lorakit.quant.model import QuantSpec
 
     rows = []
-    for bits, group in ((4, 32), (4, 128), (3, 32), (2, 32), (8, 32)):
+    for bits, group in ((4, 32), (4, 64), (3, 32), (2, 32), (8, 32)):
         model, _ = load_base(quant=QuantSpec(bits, group))
         layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
         packed = sum(m.quantized.nbytes for m in layers)
@@ -175,8 +175,8 @@ def main() -> None:
         command, ["measured", "value", "compared with", "ratio"], rows,
         notes="Quantized sizes count packed codes plus float16 scales and mins. Training: batches of "
               f"{args.batch} orders examples, forward + backward + AdamW, {args.trials} alternating child processes x "
-              f"{args.steps} steps; both variants train {q['trainable']:,} vs {f['trainable']:,} adapter parameters "
-              "(QA-LoRA's A is (r, in/32)). The 4-bit layers de-quantize their weights in every forward (and again "
+              f"{args.steps} steps; QA-LoRA trains {q['trainable']:,} adapter parameters (its A is (r, in/32)), "
+              f"LoRA {f['trainable']:,}. The 4-bit layers de-quantize their weights in every forward (and again "
               "in backward), which costs time on a CPU and saves the float copy.",
     )
     print(path.read_text())

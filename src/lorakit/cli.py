@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lorakit import __version__
@@ -25,10 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    args.argv = list(argv if argv is not None else sys.argv[1:])  # what `train --nproc` hands torchrun
     try:
         return args.run(args)
     except LorakitError as err:
-        print(f"error: {err}", file=sys.stderr)
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{rank}error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

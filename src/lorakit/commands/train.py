@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,12 +28,18 @@ def register(commands) -> None:
     parser.add_argument("--stop-after", type=int, metavar="STEPS",
                         help="stop after this many optimizer steps in total, leaving a checkpoint to --resume "
                         "(the schedule still spans the full run)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train on N processes of this machine, launched with torchrun (DDP: gloo on CPU, "
+                        "NCCL on CUDA, one GPU each); the same as `torchrun --nproc-per-node N -m lorakit train ...`, "
+                        "whose rendezvous flags also run it across machines")
     settings = parser.add_argument_group("settings (override the recipe)")
     train_config.add_arguments(settings)
     parser.set_defaults(run=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args.nproc, args.argv)
     from lorakit.train.checkpoint import latest_checkpoint
     from lorakit.train.loop import train
 
@@ -42,6 +50,8 @@ def _train(args: argparse.Namespace) -> int:
         saved = checkpoint.config if checkpoint else None
     config = train_config.from_sources(args.config, args, saved)
     result = train(config, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, process 0 reports
+        return 0
     if result.steps < result.total_steps:
         print(f"stopped after step {result.steps}; continue with: lorakit train --resume "
               f"--output {result.output}", file=sys.stderr)
@@ -49,3 +59,18 @@ def _train(args: argparse.Namespace) -> int:
         val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         print(f"adapter written to {result.output}{val}; curve in {result.output / 'loss.png'}")
     return 0
+
+
+def _launch(processes: int, argv: list[str]) -> int:
+    """Run this same command under torchrun on ``processes`` local processes (a free port each time)."""
+    rest, skip = [], False
+    for arg in argv:  # the command line without --nproc: each process is one of the N
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+               "-m", "lorakit", *rest]
+    return subprocess.run(command, check=False).returncode

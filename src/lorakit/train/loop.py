@@ -3,7 +3,8 @@
 Loss normalisation: each optimizer step minimises the mean cross-entropy over every target token
 of its ``grad_accum`` batches (each micro-batch's loss sum is divided by the step's total token
 count), so accumulation gives the gradient a single large batch would, whatever the batches'
-lengths.
+lengths. Under torchrun each process takes a share of every batch's rows (train/distributed.py);
+the sum of their gradients is the same gradient, and process 0 alone writes files and the bar.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lorakit.errors import ConfigError
 from lorakit.inject import inject
 from lorakit.io.base_model import load_base
 from lorakit.io.peft_format import adapter_slots, save_adapter
+from lorakit.train import distributed
 from lorakit.train.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
@@ -35,7 +37,7 @@ from lorakit.train.checkpoint import (
     save_checkpoint,
 )
 from lorakit.train.config import RESUMABLE_CHANGES, TrainConfig
-from lorakit.train.loss import evaluate_loss, loss_sum
+from lorakit.train.loss import evaluate_loss
 from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
 
 ADAPTER_NAME = "default"
@@ -55,14 +57,26 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     """Fine-tune ``config.base`` on ``config.train`` and write the adapter to ``config.output``.
     ``stop_after`` ends the run after that many optimizer steps in total (a checkpoint is left to
     resume from), without changing the schedule."""
+    world = distributed.join()
+    try:
+        return _train(config, world, resume, overwrite, stop_after)
+    finally:
+        distributed.leave(world)
+
+
+def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrite: bool,
+           stop_after: int | None) -> TrainResult:
     output = Path(config.output)
     checkpoint = _checkpoint_to_resume(output, config) if resume else None
-    if checkpoint is None:
+    if checkpoint is None and (world.is_main or not overwrite):  # process 0 alone clears a run it replaces
         _refuse_to_clobber(output, overwrite)
+    if config.batch_size < world.size:
+        raise ConfigError(f"batch_size={config.batch_size} is the global batch, shared by {world.size} processes; "
+                          f"make it at least {world.size}")
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = world.device
 
     model, tokenizer = load_base(config.base, getattr(torch, config.dtype), config.quant_spec())
     pad_id = padding_id(tokenizer)
@@ -86,23 +100,28 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     if checkpoint is not None:
         restore(checkpoint, slots, optimizer)
         start = checkpoint.step
-    output.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(output, resume_step=start if checkpoint else None)
+    if world.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(output, resume_step=start if checkpoint else None) if world.is_main else None
+    loss_of = distributed.loss_function(model, world)
     end = min(total_steps, stop_after) if stop_after is not None else total_steps
 
     @functools.lru_cache(maxsize=1)
     def epoch_order(epoch: int) -> list[list[int]]:
         return epoch_batches(lengths, config.batch_size, config.seed, epoch)
 
-    def batch_at(index: int) -> Batch:
-        """The index-th micro-batch of the run: a pure function of (seed, index)."""
+    def batch_at(index: int) -> tuple[int, Batch | None]:
+        """(target tokens of the index-th micro-batch of the run, this process's share of its rows,
+        None if it has none): a pure function of (seed, index)."""
         epoch, position = divmod(index, per_epoch)
         rows = epoch_order(epoch)[position]
-        return collate([train_set[i] for i in rows], pad_id).to(device)
+        mine = world.rows(rows)
+        target_tokens = collate([train_set[i] for i in rows], pad_id).loss_tokens
+        return target_tokens, collate([train_set[i] for i in mine], pad_id).to(device) if mine else None
 
-    if config.progress:
-        print(_summary(model, len(train_set), total_steps, config, device), file=sys.stderr)
-    bar = _progress(config, total_steps, start)
+    if config.progress and world.is_main:
+        print(_summary(model, len(train_set), total_steps, config, device, world.size), file=sys.stderr)
+    bar = _progress(config, total_steps, start) if world.is_main else None
     losses: list[float] = []
     val_loss = None
     model.train()
@@ -111,24 +130,28 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
         lr = config.lr * lr_factor(step, total_steps, config.warmup_steps, config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = [batch_at(step * config.grad_accum + k) for k in range(config.grad_accum)]
-        target_tokens = sum(b.loss_tokens for b in batches)
+        micro = [batch_at(step * config.grad_accum + k) for k in range(config.grad_accum)]
+        target_tokens = sum(tokens for tokens, _ in micro)
         step_loss = 0.0
-        for batch in batches:
-            loss = loss_sum(model, batch) / max(target_tokens, 1)
+        for k, (_, batch) in enumerate(micro):
+            loss = loss_of(batch, k == config.grad_accum - 1) / max(target_tokens, 1)
             loss.backward()
-            step_loss += loss.item()
+            step_loss += loss.item() / world.size  # loss_of scales by the number of processes
         grad_norm = _clip(slots.values(), config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         seconds = time.perf_counter() - started
-        tokens = sum(int(b.attention_mask.sum()) for b in batches)
+        mine = sum(int(b.attention_mask.sum()) for _, b in micro if b is not None)
+        step_loss, tokens = world.sum(step_loss, mine)
+        tokens = int(tokens)
         losses.append(step_loss)
+        done = step + 1
+        if not world.is_main:  # the others train on; process 0 writes metrics, checkpoints and the bar
+            continue
         metrics.write({"step": step + 1, "epoch": round((step + 1) * config.grad_accum / per_epoch, 4),
                        "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                        "target_tokens": target_tokens, "tokens_per_s": round(tokens / seconds, 1)})
-        done = step + 1
         if val_set and (done == total_steps or (config.eval_every and done % config.eval_every == 0)):
             val_loss = evaluate_loss(model, val_set, config.batch_size, pad_id, device)
             metrics.write({"step": done, "val_loss": val_loss})
@@ -140,9 +163,10 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     if bar is not None:
         bar.close()
 
-    if end == total_steps:
-        save_adapter(model, output, ADAPTER_NAME)
-    plot_losses(output / METRICS_FILE, output / PLOT_FILE)
+    if world.is_main:
+        if end == total_steps:
+            save_adapter(model, output, ADAPTER_NAME)
+        plot_losses(output / METRICS_FILE, output / PLOT_FILE)
     return TrainResult(output, end, total_steps, losses, val_loss)
 
 
@@ -212,9 +236,11 @@ def _postfix(losses: list[float], val_loss: float | None, tokens_per_s: float) -
     return text + f", {tokens_per_s:,.0f} tok/s"
 
 
-def _summary(model: nn.Module, examples: int, total_steps: int, config: TrainConfig, device: torch.device) -> str:
+def _summary(model: nn.Module, examples: int, total_steps: int, config: TrainConfig, device: torch.device,
+             processes: int) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     everything = sum(p.numel() for p in model.parameters())
     return (f"lorakit: training {trainable / 1e6:.2f}M adapter parameters ({100 * trainable / everything:.2f}% "
             f"of {everything / 1e6:.0f}M) on {examples} examples for {total_steps} steps of "
-            f"{config.batch_size}x{config.grad_accum} on {device}")
+            f"{config.batch_size}x{config.grad_accum} on {device}"
+            + (f", shared by {processes} processes" if processes > 1 else ""))
