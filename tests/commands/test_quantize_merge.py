@@ -131,6 +131,9 @@ def test_merge_mistakes_are_one_line_errors(runs, tiny_base_dir, tmp_path, capsy
 
 def test_merge_and_quantize_do_not_overwrite_by_accident(runs, tiny_base_dir, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
+    assert main(["merge", "--adapter", str(runs / "lora"), "--base", str(tiny_base_dir), "--gguf", str(tmp_path / "g"),
+                 "--output", str(tmp_path / "m")]) == 2
+    assert "merge a plain LoRA adapter with --requantize 4 --group-size 32" in capsys.readouterr().err
     for command in (["merge", "--adapter", str(runs / "lora")], ["quantize"]):
         assert main([*command, "--base", str(tiny_base_dir), "--output", str(tmp_path / "taken")]) == 2
         assert "exists; pass --overwrite" in capsys.readouterr().err

@@ -57,6 +57,12 @@ def _merge(args: argparse.Namespace) -> int:
     if args.gguf is not None and (config.modules_to_save or config.bias != "none"):
         raise ConfigError("GGUF export replaces linear weights only; this adapter also trains "
                           f"{'modules_to_save' if config.modules_to_save else 'biases'}")
+    merged_spec = ((config.qalora_bits or 4, config.qalora_group_size) if config.qalora_group_size
+                   else (args.requantize, args.group_size))
+    if args.gguf is not None and merged_spec != (4, 32):
+        raise ConfigError("GGUF Q4_1 holds 4-bit weights in groups of 32; "
+                          + ("this QA-LoRA adapter's base is not" if config.qalora_group_size
+                             else "merge a plain LoRA adapter with --requantize 4 --group-size 32 to export it"))
     if args.requantize and config.qalora_group_size:
         raise ConfigError("a QA-LoRA adapter merges exactly into its quantized base; leave out --requantize")
     if args.fp32_mins and (args.gguf is not None or not config.qalora_group_size):
