@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lorakit.config import ALL_LINEAR, module_matches
 from lorakit.errors import ConfigError
-from lorakit.io.atomic import atomic_directory
+from lorakit.io.model_directory import WEIGHTS, write_model_directory
 from lorakit.svd import (
     low_rank_factors,
     rank_for_energy,
@@ -32,7 +32,6 @@ from lorakit.svd import (
 from lorakit.walk import replace_module
 
 COMPRESSION_CONFIG = "lorakit_compression.json"
-WEIGHTS = "model.safetensors"
 FORMAT = "lorakit-lowrank"
 
 
@@ -112,23 +111,8 @@ def serialized_bytes(model: nn.Module) -> int:
 def save_compressed(model: nn.Module, tokenizer, outcomes: list[Factorised], int8: bool,
                     directory: str | Path) -> Path:
     """Write the low-rank float model and what to re-apply on load (see the module docstring)."""
-    tensors, seen = {}, set()
-    for key, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:  # a tied weight: tie_weights() restores it on load
-            continue
-        seen.add(tensor.data_ptr())
-        tensors[key] = tensor.detach().cpu().contiguous()
-    description = {"format": FORMAT, "int8": int8,
-                   "ranks": {o.path: o.rank for o in outcomes if o.replaced},
-                   "base_model_name_or_path": str(getattr(model, "name_or_path", "") or "")}
-    directory = Path(directory)
-    with atomic_directory(directory) as tmp:
-        model.config.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / COMPRESSION_CONFIG).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
-    return directory
+    description = {"format": FORMAT, "int8": int8, "ranks": {o.path: o.rank for o in outcomes if o.replaced}}
+    return write_model_directory(model, tokenizer, directory, COMPRESSION_CONFIG, description)
 
 
 def is_compressed_directory(path: str | Path) -> bool:

@@ -15,17 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.io.atomic import atomic_directory
+from lorakit.io.model_directory import WEIGHTS, write_model_directory
 from lorakit.quant.groupwise import QuantizedWeight, check_spec
 from lorakit.quant.linear import QuantLinear, quantize_linears
 from lorakit.walk import replace_module
 
 QUANT_CONFIG = "lorakit_quantization.json"
-WEIGHTS = "model.safetensors"
 FORMAT = "lorakit-groupwise"
 
 
@@ -74,22 +73,8 @@ def save_quantized(model: nn.Module, tokenizer, directory: str | Path) -> Path:
     if spec is None:
         raise ConfigError("the model has no quantized layers to save; quantize it first")
     layers = [path for path, m in model.named_modules() if isinstance(m, QuantLinear)]
-    tensors, seen = {}, set()
-    for key, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:  # a tied weight (lm_head = embed_tokens): tie_weights() restores it
-            continue
-        seen.add(tensor.data_ptr())
-        tensors[key] = tensor.detach().to("cpu").contiguous()
-    description = {"format": FORMAT, "bits": spec.bits, "group_size": spec.group_size, "layers": layers,
-                   "base_model_name_or_path": str(getattr(model, "name_or_path", "") or "")}
-    directory = Path(directory)
-    with atomic_directory(directory) as tmp:
-        model.config.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / QUANT_CONFIG).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
-    return directory
+    description = {"format": FORMAT, "bits": spec.bits, "group_size": spec.group_size, "layers": layers}
+    return write_model_directory(model, tokenizer, directory, QUANT_CONFIG, description)
 
 
 def is_quantized_directory(path: str | Path) -> bool:
