@@ -1,5 +1,6 @@
 """Training under torchrun: 2 gloo processes on CPU give the single-process run's losses and adapter,
-and a 2-process run killed mid-way resumes with the same losses."""
+whether they replicate the model (DDP) or shard its layers (FSDP), and a 2-process run killed mid-way
+resumes with the same losses under either."""
 
 import json
 import os
@@ -40,27 +41,57 @@ def _losses(output) -> list[float]:
     return [r["loss"] if "loss" in r else r["val_loss"] for r in records]
 
 
-def test_two_processes_train_as_one(recipe, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_run(recipe, tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs") / "ddp"
+    run = _torchrun(recipe, output)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert out.count("adapter written to") == 1  # process 0 alone reports
+    return output
+
+
+def _assert_same_run(run, reference) -> None:
+    torch.testing.assert_close(torch.tensor(_losses(run)), torch.tensor(_losses(reference)), rtol=1e-5, atol=1e-5)
+    got, want = (load_file(str(d / "adapter_model.safetensors")) for d in (run, reference))
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)  # whole tensors, not shards
+
+
+def test_two_processes_train_as_one(recipe, ddp_run, tmp_path):
     from lorakit.train.config import from_sources
 
     config = from_sources(recipe, None)
     train(TrainConfig(**{**config.to_dict(), "output": str(tmp_path / "one"), "progress": False}))
-    run = _torchrun(recipe, tmp_path / "two")
-    out, err = run.communicate(timeout=300)
+    _assert_same_run(ddp_run, tmp_path / "one")
+
+
+def test_a_sharded_run_saves_a_whole_adapter_that_acts_as_the_replicated_ones(recipe, ddp_run, tiny_base_dir,
+                                                                               tmp_path):
+    from lorakit import load_adapter
+    from lorakit.io.base_model import load_base
+
+    run = _torchrun(recipe, tmp_path / "fsdp", "--parallel", "fsdp")
+    _, err = run.communicate(timeout=300)
     assert run.returncode == 0, err
-    assert out.count("adapter written to") == 1  # process 0 alone reports
-    torch.testing.assert_close(torch.tensor(_losses(tmp_path / "two")), torch.tensor(_losses(tmp_path / "one")),
-                               rtol=1e-5, atol=1e-5)
-    one, two = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("one", "two"))
-    assert one.keys() == two.keys()
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-5)
+    _assert_same_run(tmp_path / "fsdp", ddp_run)
+
+    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name, directory in (("ddp", ddp_run), ("fsdp", tmp_path / "fsdp")):  # each in this one process
+        model, _ = load_base(str(tiny_base_dir), torch.float32, None)
+        bare = model(input_ids=tokens).logits
+        logits[name] = load_adapter(model, directory)(input_ids=tokens).logits
+        assert (logits[name] - bare).abs().max() > 1e-3  # the adapter is in effect
+    torch.testing.assert_close(logits["fsdp"], logits["ddp"], rtol=1e-5, atol=1e-5)
 
 
-def test_a_killed_two_process_run_resumes_with_the_same_losses(recipe, tmp_path):
-    whole = _torchrun(recipe, tmp_path / "whole", "--max-steps", "10")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_killed_two_process_run_resumes_with_the_same_losses(recipe, tmp_path, parallel):
+    whole = _torchrun(recipe, tmp_path / "whole", "--max-steps", "10", "--parallel", parallel)
     assert whole.wait(timeout=300) == 0
-    killed = _torchrun(recipe, tmp_path / "killed", "--max-steps", "10")
+    killed = _torchrun(recipe, tmp_path / "killed", "--max-steps", "10", "--parallel", parallel)
     latest = tmp_path / "killed" / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
     while not (latest.is_file() and latest.read_text().strip() >= "step-000002"):
@@ -74,6 +105,15 @@ def test_a_killed_two_process_run_resumes_with_the_same_losses(recipe, tmp_path)
     resumed = subprocess.run(resume, check=False, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert _losses(tmp_path / "killed") == pytest.approx(_losses(tmp_path / "whole"), rel=1e-6)
+    assert json.loads((tmp_path / "killed" / "checkpoints" / "step-000010" / "state.json").read_text())[
+        "config"]["parallel"] == parallel  # resumed as it was run
+
+
+def test_fsdp_refuses_adapters_outside_the_decoder_layers(recipe, tmp_path):
+    run = _torchrun(recipe, tmp_path / "head", "--parallel", "fsdp", "--target-modules", "q_proj", "lm_head")
+    _, err = run.communicate(timeout=300)
+    assert run.returncode != 0
+    assert "[rank 0] error: parallel: fsdp shards the decoder layers, and adapter weights such as lm_head." in err
 
 
 def test_a_global_batch_smaller_than_the_processes_is_refused(recipe, tmp_path):

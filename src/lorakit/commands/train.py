@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -62,7 +61,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _launch(processes: int, argv: list[str]) -> int:
-    """Run this same command under torchrun on ``processes`` local processes (a free port each time)."""
+    """Run this same command on ``processes`` local processes under torchrun's agent (in this process,
+    with a free port each time). A process that fails has printed why; the agent's own report of
+    the failure (a log line and a traceback) becomes one line."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
     rest, skip = [], False
     for arg in argv:  # the command line without --nproc: each process is one of the N
         if skip or arg.startswith("--nproc="):
@@ -71,6 +77,23 @@ def _launch(processes: int, argv: list[str]) -> int:
         skip = arg == "--nproc"
         if not skip:
             rest.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
-               "-m", "lorakit", *rest]
-    return subprocess.run(command, check=False).returncode
+    # torchrun gives each process one CPU thread unless told; share the machine's cores instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(processes),
+                                          "-m", "lorakit", *rest]))
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()
+        if failure.exitcode != 2:  # 2: a user's mistake, already told as "[rank N] error: ..."
+            print(f"error: training process {rank} {_ended(failure.exitcode)}", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+def _ended(exitcode: int) -> str:
+    if exitcode < 0:
+        import signal
+
+        return f"was killed by {signal.Signals(-exitcode).name}" + (" (out of memory?)" if exitcode == -9 else "")
+    return f"exited with status {exitcode}; its error is above"

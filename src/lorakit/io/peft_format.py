@@ -110,9 +110,11 @@ def _expected_shapes(model: nn.Module, plan: InjectionPlan) -> tuple[dict[str, t
 # --- save ----------------------------------------------------------------------------------
 
 
-def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write adapter ``name`` (default: the active one) to ``directory`` as PEFT does:
-    adapter_config.json and adapter_model.safetensors, each written atomically."""
+    adapter_config.json and adapter_model.safetensors, each written atomically. ``tensors`` (file
+    key -> weight) replaces the model's own when those are shards, gathered whole beforehand."""
     name = name if name is not None else _adapter_to_save(model)
     config = get_adapter_config(model, name)
     slots = adapter_slots(model, name)
@@ -123,7 +125,10 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         base_model_name_or_path=config.base_model_name_or_path or str(getattr(model, "name_or_path", "") or ""),
     )
     file_config = config.to_peft_dict(_file_targets(model, config, [path for path, _ in layers]))
-    tensors = {key: param.detach().to("cpu", copy=True).contiguous() for key, param in slots.items()}
+    tensors = {key: param.detach() for key, param in slots.items()} if tensors is None else tensors
+    if tensors.keys() != slots.keys():
+        raise ValueError(f"tensors for adapter {name!r} must have exactly its file keys")
+    tensors = {key: tensor.to("cpu", copy=True).contiguous() for key, tensor in tensors.items()}
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

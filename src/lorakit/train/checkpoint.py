@@ -10,6 +10,10 @@ A checkpoint directory is written under a temporary name and renamed into place;
 What makes resume exact: the adapter weights, AdamW's moments and step counts, the RNG states
 (dropout draws from them), and the step number. The data order and the learning rate are pure
 functions of (seed, step), so they need no saving.
+
+Under torchrun every process calls ``capture`` (FSDP's sharded tensors are gathered whole, a
+collective step) and process 0 alone calls ``save_checkpoint``; every process calls ``restore``
+and takes its own shard of what it reads.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.io.atomic import atomic_path, atomic_write_text
 from lorakit.io.peft_format import read_adapter, save_adapter
+from lorakit.train.distributed import full, gathered, shard_like
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -46,16 +51,26 @@ class Checkpoint:
     directory: Path
 
 
-def save_checkpoint(output: Path, model: nn.Module, slots: dict[str, nn.Parameter],
-                    optimizer: torch.optim.Optimizer, step: int, config: dict) -> Path:
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides the settings, every tensor whole."""
+    adapter: dict[str, torch.Tensor]  # file key -> weight
+    optimizer: dict[str, torch.Tensor]  # "<file key>::exp_avg" (and exp_avg_sq, step), "rng::cpu", "rng::cuda<d>"
+
+
+def capture(slots: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> TrainingState:
+    return TrainingState(gathered(slots), _optimizer_tensors(slots, optimizer))
+
+
+def save_checkpoint(output: Path, model: nn.Module, state: TrainingState, step: int, config: dict) -> Path:
     root = output / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = root / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        save_adapter(model, tmp)
+        save_adapter(model, tmp, tensors=state.adapter)
         with atomic_path(tmp / OPTIMIZER_FILE) as path:
-            save_file(_optimizer_tensors(slots, optimizer), str(path))
+            save_file(state.optimizer, str(path))
         atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, "config": config}, indent=2) + "\n")
         final = root / name
         if final.exists():
@@ -95,14 +110,17 @@ def restore(checkpoint: Checkpoint, slots: dict[str, nn.Parameter], optimizer: t
         raise CheckpointError(f"{checkpoint.directory}: the checkpoint's adapter does not match this model's")
     with torch.no_grad():
         for key, param in slots.items():
-            param.copy_(tensors[key])
+            param.copy_(shard_like(param, tensors[key]))
 
     state = optimizer.state_dict()
     index = {key: i for i, key in enumerate(slots)}  # the optimizer was built over slots' values, in order
     state["state"] = {}
     for key, i in index.items():
-        moments = {part: saved[f"{key}::{part}"] for part in ("exp_avg", "exp_avg_sq", "step")
-                   if f"{key}::{part}" in saved}
+        moments = {}
+        for part in ("exp_avg", "exp_avg_sq", "step"):  # the moments are laid out as their parameter is
+            if f"{key}::{part}" in saved:
+                value = saved[f"{key}::{part}"]
+                moments[part] = value if part == "step" else shard_like(slots[key], value)
         if moments:
             state["state"][i] = moments
     optimizer.load_state_dict(state)
@@ -118,7 +136,7 @@ def _optimizer_tensors(slots: dict[str, nn.Parameter], optimizer: torch.optim.Op
     for key, param in slots.items():
         for part, value in optimizer.state.get(param, {}).items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{key}::{part}"] = value.detach().to("cpu", copy=True).contiguous()
+                tensors[f"{key}::{part}"] = full(value.detach()).to("cpu", copy=True).contiguous()
     tensors["rng::cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for d, rng in enumerate(torch.cuda.get_rng_state_all()):

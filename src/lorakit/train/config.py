@@ -19,8 +19,9 @@ from lorakit.errors import ConfigError
 from lorakit.quant.model import QuantSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
+PARALLEL = ("ddp", "fsdp")
 # Fields that may differ when resuming: they change neither the maths nor the data order.
-RESUMABLE_CHANGES = frozenset({"eval_every", "save_every", "threads", "progress"})
+RESUMABLE_CHANGES = frozenset({"eval_every", "save_every", "threads", "progress", "parallel"})
 
 
 def _doc(text: str, default: Any) -> Any:
@@ -57,6 +58,9 @@ class TrainConfig:
                            "which merges into them exactly (0: a float base and plain LoRA)", 0)
     quant_group_size: int = _doc("quantization group along the input dimension (32, 64 or 128); the embedded "
                                  "SmolLM2 at 4 bits, group 32, keeps its GGUF Q4_1 weights as they are", 32)
+    parallel: str = _doc("how several processes (--nproc, torchrun) share the model: ddp (each holds all of "
+                         "it) or fsdp (each decoder layer sharded across them, for a base too big for one device)",
+                         "ddp")
     threads: int = _doc("CPU threads for torch (0: torch's default)", 0)
     progress: bool = _doc("draw a progress bar", True)
 
@@ -78,6 +82,8 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.quant_bits:
             QuantSpec(self.quant_bits, self.quant_group_size)  # a clear error for bad bits or groups
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"parallel must be one of {', '.join(PARALLEL)}; got {self.parallel!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if isinstance(self.target_modules, str):

@@ -9,19 +9,33 @@ and takes its share of its rows, so the batch the config names is the global one
 number of processes. Each process's loss is its rows' loss sum over the global batch's target
 tokens; summing the adapters' gradients over processes then gives exactly the single-process
 gradient. DDP averages gradients, so the loss is multiplied by the number of processes.
+
+Two ways to share the work (the config's ``parallel``):
+  ddp   every process holds the whole model; DDP all-reduces the adapters' gradients.
+  fsdp  FSDP2 (``fully_shard``) shards each decoder layer's parameters, frozen base and adapter
+        alike, over the processes and gathers a layer's weights only while it runs: for a base
+        that does not fit one device. Embeddings, the final norm and the head stay whole (the
+        head is often tied to the embedding), so adapters must live inside the decoder layers.
+        Adapter weights and optimizer moments are then DTensors; ``full`` gathers them for saving
+        and ``shard_like`` cuts a saved tensor back to a process's shard.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lorakit.data.batches import Batch
+from lorakit.errors import ConfigError
 from lorakit.train.loss import loss_sum
 
 
@@ -72,28 +86,33 @@ def leave(world: World) -> None:
         dist.destroy_process_group()
 
 
+LossFunction = Callable[[Batch, bool], torch.Tensor]
+
+
+def loss_function(model: nn.Module, world: World, parallel: str = "ddp") -> LossFunction:
+    """(this process's rows of a micro-batch, whether it is the step's last) -> loss sum, scaled so
+    that the gradients' average over processes is their sum; gradients are synchronised on the
+    last micro-batch only. Every process must call it for every micro-batch (the synchronisation
+    is collective): the loop gives a process without rows of its own a row to weigh by zero."""
+    if not world.distributed:
+        return lambda batch, last: loss_sum(model, batch)
+    if parallel == "fsdp":
+        return _sharded_loss(model, world)
+    return _replicated_loss(model, world)
+
+
 class _LossOfBatch(nn.Module):
-    """model -> its loss sum on a batch: the forward DDP wraps, so DDP sees the call it synchronises.
-    A process without rows in a batch (a short last batch) contributes a zero loss that still
-    touches every adapter parameter, so the gradient all-reduce finds each one ready."""
+    """model -> its loss sum on a batch: the forward DDP wraps, so DDP sees the call it synchronises."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch | None) -> torch.Tensor:
-        if batch is None:
-            return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+    def forward(self, batch: Batch) -> torch.Tensor:
         return loss_sum(self.model, batch)
 
 
-def loss_function(model: nn.Module, world: World):
-    """(batch or None, last micro-batch of the step) -> loss sum, scaled so that DDP's gradient
-    average is the sum over processes; gradients are synchronised on the last micro-batch only."""
-    if not world.distributed:
-        return lambda batch, last: loss_sum(model, batch)
-    from contextlib import nullcontext
-
+def _replicated_loss(model: nn.Module, world: World) -> LossFunction:
     from torch.nn.parallel import DistributedDataParallel
 
     # The frozen base has no gradients and takes no part; buffers (quantized codes) never change, so
@@ -104,8 +123,63 @@ def loss_function(model: nn.Module, world: World):
     engine = DistributedDataParallel(_LossOfBatch(model), **no_buffer_sync,
                                      device_ids=[world.device.index] if world.device.type == "cuda" else None)
 
-    def loss_of(batch: Batch | None, last: bool) -> torch.Tensor:
+    def loss_of(batch: Batch, last: bool) -> torch.Tensor:
         with nullcontext() if last else engine.no_sync():
             return engine(batch) * world.size
 
     return loss_of
+
+
+def _sharded_loss(model: nn.Module, world: World) -> LossFunction:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = decoder_layers(model)
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    outside = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
+    if outside:
+        raise ConfigError(f"parallel: fsdp shards the decoder layers, and adapter weights such as {outside[0]} "
+                          "lie outside them; adapt modules inside the layers, or use parallel: ddp")
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    for layer in reversed(layers):  # innermost first, as fully_shard requires of nested layers
+        fully_shard(layer, mesh=mesh)
+
+    def loss_of(batch: Batch, last: bool) -> torch.Tensor:
+        for layer in layers:
+            layer.set_requires_gradient_sync(last, recurse=False)
+        # Each layer's forward gathers its weights from all processes, so every process must run
+        # the layers the same number of times: no shared-prefix pass, which depends on one's rows.
+        return loss_sum(model, dataclasses.replace(batch, shared_prefix=0)) * world.size
+
+    return loss_of
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, outermost first: the classes a transformers model names as never
+    to be split across devices (``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"parallel: fsdp shards a model's decoder layers, and {type(model).__name__} names none "
+                          "(_no_split_modules); use parallel: ddp")
+    return layers
+
+
+def gathered(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor whole and detached (see ``full``)."""
+    return {key: full(param.detach()) for key, param in params.items()}
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a tensor that FSDP shards over processes (every process must ask, in the same
+    order); any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``whole`` laid out as ``param`` is: this process's shard of it when ``param`` is sharded."""
+    if not isinstance(param, DTensor):
+        return whole
+    # Every process holds the same ``whole`` (read from one checkpoint), so each cuts its own shard.
+    return distribute_tensor(whole.to(param.device, param.dtype), param.device_mesh, param.placements,
+                             src_data_rank=None)

@@ -32,6 +32,7 @@ from lorakit.train import distributed
 from lorakit.train.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
+    capture,
     latest_checkpoint,
     restore,
     save_checkpoint,
@@ -75,6 +76,10 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
                           f"make it at least {world.size}")
     if config.threads:
         torch.set_num_threads(config.threads)
+    if not world.is_main:  # one progress bar: process 0's
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     torch.manual_seed(config.seed)
     device = world.device
 
@@ -90,6 +95,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
     model.config.use_cache = False
     if config.gradient_checkpointing:
         _enable_activation_checkpointing(model)
+    loss_of = distributed.loss_function(model, world, config.parallel)  # under FSDP, shards the parameters first
     slots = adapter_slots(model, ADAPTER_NAME)  # file key -> Parameter: what trains, is saved and checkpointed
     optimizer = torch.optim.AdamW(slots.values(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -103,21 +109,21 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
     if world.is_main:
         output.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(output, resume_step=start if checkpoint else None) if world.is_main else None
-    loss_of = distributed.loss_function(model, world)
     end = min(total_steps, stop_after) if stop_after is not None else total_steps
 
     @functools.lru_cache(maxsize=1)
     def epoch_order(epoch: int) -> list[list[int]]:
         return epoch_batches(lengths, config.batch_size, config.seed, epoch)
 
-    def batch_at(index: int) -> tuple[int, Batch | None]:
+    def batch_at(index: int) -> tuple[int, Batch, float]:
         """(target tokens of the index-th micro-batch of the run, this process's share of its rows,
-        None if it has none): a pure function of (seed, index)."""
+        the weight of their loss): a pure function of (seed, index). A process left without rows (a
+        short last batch) runs the first row with weight 0, so that it still takes part."""
         epoch, position = divmod(index, per_epoch)
         rows = epoch_order(epoch)[position]
         mine = world.rows(rows)
         target_tokens = collate([train_set[i] for i in rows], pad_id).loss_tokens
-        return target_tokens, collate([train_set[i] for i in mine], pad_id).to(device) if mine else None
+        return target_tokens, collate([train_set[i] for i in mine or rows[:1]], pad_id).to(device), float(bool(mine))
 
     if config.progress and world.is_main:
         print(_summary(model, len(train_set), total_steps, config, device, world.size), file=sys.stderr)
@@ -131,10 +137,10 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [batch_at(step * config.grad_accum + k) for k in range(config.grad_accum)]
-        target_tokens = sum(tokens for tokens, _ in micro)
+        target_tokens = sum(tokens for tokens, _, _ in micro)
         step_loss = 0.0
-        for k, (_, batch) in enumerate(micro):
-            loss = loss_of(batch, k == config.grad_accum - 1) / max(target_tokens, 1)
+        for k, (_, batch, weight) in enumerate(micro):
+            loss = loss_of(batch, k == config.grad_accum - 1) * weight / max(target_tokens, 1)
             loss.backward()
             step_loss += loss.item() / world.size  # loss_of scales by the number of processes
         grad_norm = _clip(slots.values(), config.max_grad_norm)
@@ -142,30 +148,35 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
         optimizer.zero_grad(set_to_none=True)
 
         seconds = time.perf_counter() - started
-        mine = sum(int(b.attention_mask.sum()) for _, b in micro if b is not None)
+        mine = sum(int(b.attention_mask.sum()) * weight for _, b, weight in micro)
         step_loss, tokens = world.sum(step_loss, mine)
         tokens = int(tokens)
         losses.append(step_loss)
         done = step + 1
-        if not world.is_main:  # the others train on; process 0 writes metrics, checkpoints and the bar
-            continue
-        metrics.write({"step": step + 1, "epoch": round((step + 1) * config.grad_accum / per_epoch, 4),
-                       "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                       "target_tokens": target_tokens, "tokens_per_s": round(tokens / seconds, 1)})
+        if world.is_main:
+            metrics.write({"step": done, "epoch": round(done * config.grad_accum / per_epoch, 4), "loss": step_loss,
+                           "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "target_tokens": target_tokens,
+                           "tokens_per_s": round(tokens / seconds, 1)})
+        # Every process validates and captures checkpoints (under FSDP each layer's weights are gathered
+        # from all of them); process 0 alone writes.
         if val_set and (done == total_steps or (config.eval_every and done % config.eval_every == 0)):
             val_loss = evaluate_loss(model, val_set, config.batch_size, pad_id, device)
-            metrics.write({"step": done, "val_loss": val_loss})
+            if world.is_main:
+                metrics.write({"step": done, "val_loss": val_loss})
         if done == end or (config.save_every and done % config.save_every == 0):
-            save_checkpoint(output, model, slots, optimizer, done, config.to_dict())
+            state = capture(slots, optimizer)
+            if world.is_main:
+                save_checkpoint(output, model, state, done, config.to_dict())
         if bar is not None:
             bar.set_postfix_str(_postfix(losses, val_loss, tokens / seconds), refresh=False)
             bar.update(1)
     if bar is not None:
         bar.close()
 
+    adapter = distributed.gathered(slots) if end == total_steps else None
     if world.is_main:
-        if end == total_steps:
-            save_adapter(model, output, ADAPTER_NAME)
+        if adapter is not None:
+            save_adapter(model, output, ADAPTER_NAME, tensors=adapter)
         plot_losses(output / METRICS_FILE, output / PLOT_FILE)
     return TrainResult(output, end, total_steps, losses, val_loss)
 
@@ -190,10 +201,12 @@ def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
 
 
 def _clip(params, max_norm: float) -> float:
+    """The gradients' global norm, before they are clipped to ``max_norm`` (0: not clipped)."""
     params = [p for p in params if p.grad is not None]
+    norm = distributed.full(torch.nn.utils.get_total_norm([p.grad for p in params]))  # whole under FSDP too
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
 
 
 def _checkpoint_to_resume(output: Path, config: TrainConfig):
@@ -243,4 +256,4 @@ def _summary(model: nn.Module, examples: int, total_steps: int, config: TrainCon
     return (f"lorakit: training {trainable / 1e6:.2f}M adapter parameters ({100 * trainable / everything:.2f}% "
             f"of {everything / 1e6:.0f}M) on {examples} examples for {total_steps} steps of "
             f"{config.batch_size}x{config.grad_accum} on {device}"
-            + (f", shared by {processes} processes" if processes > 1 else ""))
+            + (f", shared by {processes} processes ({config.parallel})" if processes > 1 else ""))
