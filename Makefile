@@ -33,6 +33,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/lora_overhead.py
 	$(PY) bench/train_step.py
+	$(PY) bench/train_processes.py
 	$(PY) bench/serve.py
 	$(PY) bench/qalora.py
 

@@ -109,6 +109,18 @@ def test_a_killed_two_process_run_resumes_with_the_same_losses(recipe, tmp_path,
         "config"]["parallel"] == parallel  # resumed as it was run
 
 
+def test_a_sharded_runs_checkpoint_resumes_on_one_process(recipe, ddp_run, tmp_path):
+    from lorakit.train.checkpoint import latest_checkpoint
+
+    run = _torchrun(recipe, tmp_path / "fsdp", "--parallel", "fsdp", "--stop-after", "2")
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    saved = latest_checkpoint(tmp_path / "fsdp")
+    assert saved.step == 2
+    train(TrainConfig(**{**saved.config, "progress": False}), resume=True)  # whole tensors, so any layout resumes
+    _assert_same_run(tmp_path / "fsdp", ddp_run)
+
+
 def test_fsdp_refuses_adapters_outside_the_decoder_layers(recipe, tmp_path):
     run = _torchrun(recipe, tmp_path / "head", "--parallel", "fsdp", "--target-modules", "q_proj", "lm_head")
     _, err = run.communicate(timeout=300)

@@ -28,9 +28,10 @@ def register(commands) -> None:
                         help="stop after this many optimizer steps in total, leaving a checkpoint to --resume "
                         "(the schedule still spans the full run)")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
-                        help="train on N processes of this machine, launched with torchrun (DDP: gloo on CPU, "
-                        "NCCL on CUDA, one GPU each); the same as `torchrun --nproc-per-node N -m lorakit train ...`, "
-                        "whose rendezvous flags also run it across machines")
+                        help="train on N processes of this machine, launched by torchrun's agent (gloo on CPU with "
+                        "cores/N threads each, NCCL on CUDA with one GPU each; --parallel chooses DDP or FSDP); the "
+                        "same as `torchrun --nproc-per-node N -m lorakit train ...`, whose rendezvous flags also run "
+                        "it across machines")
     settings = parser.add_argument_group("settings (override the recipe)")
     train_config.add_arguments(settings)
     parser.set_defaults(run=_train)

@@ -93,11 +93,14 @@ def loss_function(model: nn.Module, world: World, parallel: str = "ddp") -> Loss
     """(this process's rows of a micro-batch, whether it is the step's last) -> loss sum, scaled so
     that the gradients' average over processes is their sum; gradients are synchronised on the
     last micro-batch only. Every process must call it for every micro-batch (the synchronisation
-    is collective): the loop gives a process without rows of its own a row to weigh by zero."""
+    is collective): the loop gives a process without rows of its own a row to weigh by zero.
+    Puts ``model`` (on the CPU, its trainable parameters marked) on the world's device: whole, or
+    under FSDP each process's shards alone, so a base larger than one device never lands on one."""
+    if parallel == "fsdp" and world.distributed:
+        return _sharded_loss(model, world)
+    model.to(world.device)
     if not world.distributed:
         return lambda batch, last: loss_sum(model, batch)
-    if parallel == "fsdp":
-        return _sharded_loss(model, world)
     return _replicated_loss(model, world)
 
 
@@ -142,13 +145,14 @@ def _sharded_loss(model: nn.Module, world: World) -> LossFunction:
                           "lie outside them; adapt modules inside the layers, or use parallel: ddp")
     mesh = init_device_mesh(world.device.type, (world.size,))
     for layer in reversed(layers):  # innermost first, as fully_shard requires of nested layers
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh)  # moves this process's shards alone to the device
+    model.to(world.device)  # the rest: embeddings, final norm, head, buffers
 
     def loss_of(batch: Batch, last: bool) -> torch.Tensor:
         for layer in layers:
             layer.set_requires_gradient_sync(last, recurse=False)
-        # Each layer's forward gathers its weights from all processes, so every process must run
-        # the layers the same number of times: no shared-prefix pass, which depends on one's rows.
+        # No shared-prefix pass (train/loss.py): it runs each layer twice in one forward, and FSDP
+        # frees a layer's gathered weights after each run, which the first run's backward needs.
         return loss_sum(model, dataclasses.replace(batch, shared_prefix=0)) * world.size
 
     return loss_of

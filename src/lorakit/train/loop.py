@@ -90,12 +90,12 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
 
     lora = LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=config.lora_targets(),
                       base_model_name_or_path=str(model.name_or_path), task_type="CAUSAL_LM")
-    model = inject(model, lora, name=ADAPTER_NAME).to(device)
+    model = inject(model, lora, name=ADAPTER_NAME)
     mark_only_lora_as_trainable(model)
     model.config.use_cache = False
     if config.gradient_checkpointing:
         _enable_activation_checkpointing(model)
-    loss_of = distributed.loss_function(model, world, config.parallel)  # under FSDP, shards the parameters first
+    loss_of = distributed.loss_function(model, world, config.parallel)  # moves (or shards) the model to the device
     slots = adapter_slots(model, ADAPTER_NAME)  # file key -> Parameter: what trains, is saved and checkpointed
     optimizer = torch.optim.AdamW(slots.values(), lr=config.lr, weight_decay=config.weight_decay)
 
