@@ -180,6 +180,11 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """What this process holds of a tensor: its shard under FSDP, else the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def shard_like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     """``whole`` laid out as ``param`` is: this process's shard of it when ``param`` is sharded."""
     if not isinstance(param, DTensor):

@@ -253,7 +253,13 @@ def _summary(model: nn.Module, examples: int, total_steps: int, config: TrainCon
              processes: int) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     everything = sum(p.numel() for p in model.parameters())
-    return (f"lorakit: training {trainable / 1e6:.2f}M adapter parameters ({100 * trainable / everything:.2f}% "
+    text = (f"lorakit: training {trainable / 1e6:.2f}M adapter parameters ({100 * trainable / everything:.2f}% "
             f"of {everything / 1e6:.0f}M) on {examples} examples for {total_steps} steps of "
-            f"{config.batch_size}x{config.grad_accum} on {device}"
-            + (f", shared by {processes} processes ({config.parallel})" if processes > 1 else ""))
+            f"{config.batch_size}x{config.grad_accum} on {device}")
+    if processes > 1:
+        tensors = [*model.parameters(), *model.buffers()]
+        held = sum(distributed.local(t).nbytes for t in tensors) / 2**20
+        whole = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+        text += (f", shared by {processes} processes ({config.parallel}: each holds {held:,.0f} MiB of the "
+                 f"model's {whole:,.0f} MiB)")
+    return text
