@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,6 +120,31 @@ def test_a_sharded_runs_checkpoint_resumes_on_one_process(recipe, ddp_run, tmp_p
     assert saved.step == 2
     train(TrainConfig(**{**saved.config, "progress": False}), resume=True)  # whole tensors, so any layout resumes
     _assert_same_run(tmp_path / "fsdp", ddp_run)
+
+
+def _worker_of_rank(launcher_pid: int, rank: int) -> int:
+    """The pid of the training process of ``rank`` among the launcher's children (Linux /proc)."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    for pid in children:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no process of rank {rank} among {children}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker through Linux's /proc")
+def test_a_process_that_dies_stops_the_run_instead_of_hanging_it(recipe, tmp_path):
+    run = _torchrun(recipe, tmp_path / "dies", "--max-steps", "1000", "--parallel", "fsdp")
+    latest = tmp_path / "dies" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.is_file():  # both processes are training
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.kill(_worker_of_rank(run.pid, 1), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    _, err = run.communicate(timeout=120)  # process 0, waiting on process 1 in a collective, is stopped too
+    assert run.returncode != 0
+    # Process 0 may print the broken collective's own error first; the run's last word names the cause.
+    assert err.strip().splitlines()[-1] == "error: training process 1 was killed by SIGKILL (out of memory?)"
 
 
 def test_fsdp_refuses_adapters_outside_the_decoder_layers(recipe, tmp_path):

@@ -85,7 +85,9 @@ def _launch(processes: int, argv: list[str]) -> int:
         run(get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(processes),
                                           "-m", "lorakit", *rest]))
     except ChildFailedError as failed:
-        rank, failure = failed.get_first_failure()
+        # The cause: a process killed by a signal (the others then fail in their next collective step),
+        # else the first to fail.
+        rank, failure = min(failed.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[1].timestamp))
         if failure.exitcode != 2:  # 2: a user's mistake, already told as "[rank N] error: ..."
             print(f"error: training process {rank} {_ended(failure.exitcode)}", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
