@@ -137,7 +137,7 @@ def _sharded_loss(model: nn.Module, world: World) -> LossFunction:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    layers = decoder_layers(model)
+    layers = _decoder_layers(model)
     inside = {id(p) for layer in layers for p in layer.parameters()}
     outside = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
     if outside:
@@ -158,7 +158,7 @@ def _sharded_loss(model: nn.Module, world: World) -> LossFunction:
     return loss_of
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks, outermost first: the classes a transformers model names as never
     to be split across devices (``_no_split_modules``)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
