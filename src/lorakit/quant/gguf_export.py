@@ -17,7 +17,7 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.io.atomic import atomic_path
-from lorakit.quant.gguf_q4_1 import BLOCK, LLAMA_LINEARS, field_value, rope_order
+from lorakit.quant.gguf_q4_1 import BLOCK, LLAMA_LINEARS, llama_heads, rope_order
 from lorakit.quant.groupwise import QuantizedWeight, unpack_codes
 from lorakit.quant.linear import QuantLinear
 
@@ -43,14 +43,10 @@ def export_q4_1_gguf(model: nn.Module, template: str | Path, output: str | Path)
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
     reader = GGUFReader(str(template))
-    arch = field_value(reader, "general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{template}: architecture {arch!r}; GGUF export supports llama only")
-    heads = int(field_value(reader, "llama.attention.head_count"))
-    kv_heads = int(field_value(reader, "llama.attention.head_count_kv") or heads)
+    heads, kv_heads = llama_heads(reader, template, "GGUF export")
     output = Path(output)
     with atomic_path(output) as tmp:
-        writer = GGUFWriter(str(tmp), arch)
+        writer = GGUFWriter(str(tmp), "llama")
         for name, field in reader.fields.items():
             if name.startswith("GGUF.") or name == "general.architecture":  # written by the writer itself
                 continue

@@ -51,11 +51,7 @@ def read_llama_q4_1(path: str | Path) -> dict[str, QuantizedWeight]:
     from gguf import GGMLQuantizationType, GGUFReader
 
     reader = GGUFReader(str(path))
-    arch = field_value(reader, "general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{path}: architecture {arch!r}; reading Q4_1 weights directly supports llama only")
-    heads = int(field_value(reader, "llama.attention.head_count"))
-    kv_heads = int(field_value(reader, "llama.attention.head_count_kv") or heads)
+    heads, kv_heads = llama_heads(reader, path, "reading Q4_1 weights directly")
     weights = {}
     for tensor in reader.tensors:
         parts = tensor.name.split(".")  # blk.N.<kind>.weight
@@ -78,6 +74,15 @@ def rope_order(rows: int, heads: int) -> torch.Tensor:
 def _permute_rows(weight: QuantizedWeight, order: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight(weight.codes[order], weight.scales[order], weight.mins[order], weight.bits,
                            weight.group_size, weight.shape)
+
+
+def llama_heads(reader, path: str | Path, what: str) -> tuple[int, int]:
+    """(attention heads, key/value heads) of a GGUF file that must be a llama for ``what``."""
+    arch = field_value(reader, "general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{path}: architecture {arch!r}; {what} supports llama only")
+    heads = int(field_value(reader, "llama.attention.head_count"))
+    return heads, int(field_value(reader, "llama.attention.head_count_kv") or heads)
 
 
 def field_value(reader, key: str):
