@@ -8,9 +8,10 @@ same number of tokens, greedy, on the embedded SmolLM2-135M-Instruct:
 The adapters are 16 random adapters (r=16 unless --rank) on all linear layers. Decode throughput is the tokens
 of steps 2..N over their time: each configuration runs once for 1 new token (prompt pass) and once
 for N, alternating between configurations within each trial, and the difference is decoding.
+Ratios are the median over trials of each trial's ratio of two runs made one after the other.
 Also the time to load one adapter from its files into the running model, lorakit vs PEFT.
 
-    python bench/serve.py [--trials 3] [--tokens 33] [--device cpu] [--rank 16]
+    python bench/serve.py [--trials 5] [--tokens 33] [--device cpu] [--rank 16]
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=33, help="new tokens per request (the first is the prompt pass)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--base", default="smollm2")
@@ -120,10 +121,12 @@ def main() -> None:
                                 min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         return out[:, width:].tolist()
 
-    configs = {
-        "lorakit, 16 adapters mixed": lambda n: lorakit_run(names, n),
-        "PEFT, 16 adapters mixed (adapter_names)": peft_run,
-        "lorakit, 16 requests on one adapter": lambda n: lorakit_run([names[0]] * ADAPTERS, n),
+    mixed, peft_mixed, single = ("lorakit, 16 adapters mixed", "PEFT, 16 adapters mixed (adapter_names)",
+                                 "lorakit, 16 requests on one adapter")
+    configs = {  # run in this order, then reversed: lorakit mixed always runs next to each of the others
+        peft_mixed: peft_run,
+        mixed: lambda n: lorakit_run(names, n),
+        single: lambda n: lorakit_run([names[0]] * ADAPTERS, n),
     }
     for run in configs.values():  # warm-up
         run(2)
@@ -137,11 +140,15 @@ def main() -> None:
             print(f"trial {trial + 1}/{args.trials} {name}: {decode[name][-1]:.0f} tokens/s", flush=True)
     same = sum(a == b for a, b in zip(lorakit_run(names, args.tokens), peft_run(args.tokens), strict=True))
 
-    tps = {name: statistics.median(v) for name, v in decode.items()}
-    mixed, peft_mixed, single = tps.values()
-    rows = [[name, f"{v:,.0f}"] for name, v in tps.items()]
-    rows += [["**lorakit mixed / PEFT mixed**", f"**{mixed / peft_mixed:.2f}x**"],
-             ["**lorakit mixed / lorakit one adapter**", f"**{mixed / single:.2f}x**"],
+    def ratios(numerator: str, denominator: str) -> list[float]:
+        """Each trial's ratio of two runs made one after the other: the machine's slow and fast
+        spells (it is shared) hit both alike, where they would move a ratio of medians."""
+        return [n / d for n, d in zip(decode[numerator], decode[denominator], strict=True)]
+
+    versus_peft, versus_single = ratios(mixed, peft_mixed), ratios(mixed, single)
+    rows = [[name, f"{statistics.median(decode[name]):,.0f}"] for name in (mixed, peft_mixed, single)]
+    rows += [["**lorakit mixed / PEFT mixed**", f"**{statistics.median(versus_peft):.2f}x**"],
+             ["**lorakit mixed / lorakit one adapter**", f"**{statistics.median(versus_single):.2f}x**"],
              [f"adapter load (r={args.rank}, all linear), lorakit", f"{statistics.median(lorakit_load):.0f} ms"],
              [f"adapter load (r={args.rank}, all linear), PEFT load_adapter",
               f"{1000 * statistics.median(peft_load[1:]):.0f} ms"]]
@@ -151,7 +158,9 @@ def main() -> None:
         f"python bench/serve.py --trials {args.trials} --tokens {args.tokens} --device {args.device} --rank {args.rank}",
         ["configuration", "decode tokens/s (median)"], rows,
         notes=f"16 requests (orders test prompts, chat template), greedy, {args.tokens} new tokens each; decode "
-              f"throughput excludes the prompt pass; {args.trials} alternating trials. Greedy tokens identical between "
+              f"throughput excludes the prompt pass; {args.trials} trials, order reversed every other one. Ratios: median "
+              f"of each trial's ratio of two runs made one after the other (mixed / one adapter ranged "
+              f"{min(versus_single):.2f}x to {max(versus_single):.2f}x). Greedy tokens identical between "
               f"lorakit and PEFT for {same}/{ADAPTERS} requests. Load time: median over the 16 adapters.")
     print(path.read_text())
 

@@ -39,7 +39,8 @@ def row_segments(row_adapters: Sequence[str | None]) -> tuple[RowSegment, ...]:
 @contextmanager
 def rows_use_adapters(model: nn.Module, row_adapters: Sequence[str | None], stacked: bool = False) -> Iterator[None]:
     """Within the block, row i of every batch the model runs uses adapter ``row_adapters[i]``.
-    ``stacked``: one pair of matmuls per layer for all adapters (RowPlan), for few tokens per row."""
+    ``stacked``: two batched matmuls per layer for all adapters (RowPlan), for many passes of few tokens
+    per row in one block (decoding)."""
     named = {n for n in row_adapters if n is not None}
     unknown = sorted(named - set(adapter_names(model)))
     if unknown:

@@ -38,20 +38,23 @@ class RowPlan:
     """Which rows of the batch use which adapter (segments cover rows 0..B in order).
 
     By default each LoRA layer adds each segment's adapter with one pair of matmuls on that
-    segment's rows. ``stacked``: linear layers instead add all segments' adapters with one pair of
-    matmuls over their concatenated ranks, each row keeping its own adapter's block (a 0/1 mask):
-    four operations per layer whatever the number of adapters, where the loop costs four per
-    segment. The concatenated matrices are built on a layer's first use and kept in ``stacks``, so
-    they are built once for as long as the batch's composition lasts (the engine's decoding steps).
-    That pays when rows are few tokens each (decoding); with many tokens per row (a prompt pass)
-    the extra FLOPs of multiplying every row by every adapter outweigh it.
+    segment's rows. ``stacked``: linear layers instead stack the segments' adapters and do every
+    segment's pair with two batched matmuls: four operations per layer whatever the number of
+    adapters, where the loop costs four per segment. The stacks are built on a layer's first use
+    and kept in ``stacks``, so they are built once for as long as the batch's composition lasts
+    (the engine's decoding steps), and a plan made when the rows change takes over ``earlier``'s
+    stacks for the adapters still there. That pays when the plan serves many passes of few tokens
+    per row; for a single pass (a prompt) the copy of every adapter it costs buys nothing.
     """
 
-    def __init__(self, segments: tuple[RowSegment, ...], stacked: bool = False) -> None:
+    def __init__(self, segments: tuple[RowSegment, ...], stacked: bool = False, earlier: RowPlan | None = None) -> None:
         self.segments = segments
         self.stacked = stacked and len(segments) > 1
         self.rows = segments[-1].stop if segments else 0
-        self.stacks: dict[int, tuple | None] = {}  # id(layer) -> that layer's concatenated matrices
+        self.stacks: dict[int, object] = {}  # id(layer) -> its stacked matrices and row layout (None: untargeted)
+        # The plan this one follows in a running batch: a layer takes its stacks over where the
+        # adapters are the same (each entry leaves as its layer builds, so memory is not doubled).
+        self.earlier: dict[int, object] = earlier.stacks if earlier is not None else {}
 
 
 # The row plan of the forward pass in progress (lorakit.mixed_batch sets it), read by every layer;

@@ -2,8 +2,9 @@
 
 Iteration-level batching: between two decoding steps, finished requests leave the batch and waiting
 ones join it (their prompts are run together first, then their key/value cache is stacked onto the
-running batch's). Rows are kept grouped by adapter, so every LoRA layer adds each group's adapter
-with one pair of matmuls on a slice (lorakit.mixed_batch); the base layers run once for all rows.
+running batch's). Rows are kept grouped by adapter, so each adapter's rows are one segment
+(lorakit.mixed_batch); the base layers run once for all rows, and decoding steps add every
+segment's adapter with two batched matmuls per layer.
 
 Each request has its own sampling settings and random generator, so its tokens do not depend on
 which other requests share its batch (greedy decoding gives the tokens it gives alone).
@@ -88,7 +89,8 @@ class Engine:
         self._running: list[Request] = []  # rows of the batch, grouped by adapter
         self._cache: BatchCache | None = None
         self._last: torch.Tensor | None = None  # (B,) each row's latest token: the next step's input
-        self._plan: RowPlan | None = None  # the decoding steps' row plan, until the rows change
+        self._plan: RowPlan | None = None  # the decoding steps' row plan
+        self._rows_changed = False  # since the plan was made: it is remade, keeping what still fits
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -193,7 +195,7 @@ class Engine:
         else:
             self._cache.extend(joining)
         self._running += ready
-        self._plan = None
+        self._rows_changed = True
         last = self._choose(ready, logits)
         self._last = last if self._last is None else torch.cat([self._last, last])
         self._regroup()
@@ -217,8 +219,9 @@ class Engine:
     def _decode(self) -> None:
         lengths = self._cache.lengths
         self._cache.grow()
-        if self._plan is None:  # kept while the batch's rows stay the same: its stacked matrices are reused
-            self._plan = RowPlan(row_segments([r.adapter for r in self._running]), stacked=True)
+        if self._plan is None or self._rows_changed:  # its stacked matrices serve every step until then
+            self._plan = RowPlan(row_segments([r.adapter for r in self._running]), stacked=True, earlier=self._plan)
+            self._rows_changed = False
         with rows_use_plan(self._plan):
             logits = self.model(input_ids=self._last[:, None].to(self.device), attention_mask=self._cache.mask,
                                 position_ids=lengths[:, None], past_key_values=self._cache.cache, use_cache=True,
@@ -271,9 +274,9 @@ class Engine:
             return
         done = [r for r in self._running if _finished(r)]
         self._running = [self._running[i] for i in keep]
-        self._plan = None
-        if not keep:
-            self._cache, self._last = None, None
+        self._rows_changed = True
+        if not keep:  # the batch is empty: its stacks go too
+            self._cache, self._last, self._plan = None, None, None
         else:
             index = torch.tensor(keep, dtype=torch.long)
             self._cache.select(index.to(self.device))
