@@ -100,6 +100,9 @@ def main() -> None:
 
     theirs, _ = load_base(args.base)
     theirs = theirs.to(device).eval()
+    # No end-of-sequence token either: both pick the plain argmax for exactly N tokens (PEFT's
+    # min_new_tokens would instead forbid the end token, where lorakit's engine may pick it).
+    theirs.generation_config.eos_token_id = None
     peft_load = []
     start = time.perf_counter()
     peft = PeftModel.from_pretrained(theirs, paths[0], adapter_name=names[0]).eval()
@@ -118,7 +121,7 @@ def main() -> None:
     def peft_run(n):
         with torch.inference_mode():
             out = peft.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=n,
-                                min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                                do_sample=False, pad_token_id=tokenizer.pad_token_id)
         return out[:, width:].tolist()
 
     mixed, peft_mixed, single = ("lorakit, 16 adapters mixed", "PEFT, 16 adapters mixed (adapter_names)",

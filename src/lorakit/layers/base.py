@@ -54,7 +54,7 @@ class RowPlan:
         self.stacks: dict[int, object] = {}  # id(layer) -> its stacked matrices and row layout (None: untargeted)
         # The plan this one follows in a running batch: a layer takes its stacks over where the
         # adapters are the same (each entry leaves as its layer builds, so memory is not doubled).
-        self.earlier: dict[int, object] = earlier.stacks if earlier is not None else {}
+        self.earlier: dict[int, object] = earlier.stacks if earlier is not None and self.stacked else {}
 
 
 # The row plan of the forward pass in progress (lorakit.mixed_batch sets it), read by every layer;
