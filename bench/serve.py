@@ -11,7 +11,7 @@ for N, alternating between configurations within each trial, and the difference 
 Ratios are the median over trials of each trial's ratio of two runs made one after the other.
 Also the time to load one adapter from its files into the running model, lorakit vs PEFT.
 
-    python bench/serve.py [--trials 5] [--tokens 33] [--device cpu] [--rank 16]
+    python bench/serve.py [--trials 7] [--tokens 65] [--device cpu] [--rank 16]
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=33, help="new tokens per request (the first is the prompt pass)")
+    parser.add_argument("--trials", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=65, help="new tokens per request (the first is the prompt pass)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--base", default="smollm2")
     parser.add_argument("--rank", type=int, default=16, help="rank of the 16 adapters")
