@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # PEFT's save may look a base model up on the Hub
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.data import orders
 from lorakit.walk import lora_layers
 
 
@@ -140,6 +142,17 @@ def smol_tokenizer():
     from lorakit.io.base_model import load_base
 
     return load_base()[1]
+
+
+def write_orders_recipe(directory: Path, base: Path, name: str, **fields) -> Path:
+    """A training recipe at ``directory / name`` on ``base`` over 16 train and 4 validation orders
+    examples written beside it: r=4, 4 steps of 4 rows; ``fields`` add or override recipe keys."""
+    orders.write_splits(directory, {"train": 16, "val": 4})
+    settings = {"base": base, "train": directory / "train.jsonl", "val": directory / "val.jsonl", "r": 4,
+                "max_steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, **fields}
+    path = directory / name
+    path.write_text("".join(f"{key}: {value}\n" for key, value in settings.items()), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -7,17 +7,12 @@ import sys
 import pytest
 
 from lorakit.cli import main
-from lorakit.data import orders
+from tests.conftest import write_orders_recipe
 
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory, tiny_base_dir):
-    directory = tmp_path_factory.mktemp("recipe")
-    orders.write_splits(directory, {"train": 16, "val": 4})
-    path = directory / "tiny.yaml"
-    path.write_text(f"base: {tiny_base_dir}\ntrain: {directory / 'train.jsonl'}\nval: {directory / 'val.jsonl'}\n"
-                    "r: 4\nmax_steps: 4\nbatch_size: 4\nlr: 1e-2\nwarmup_steps: 1\nsave_every: 0\n", encoding="utf-8")
-    return path
+    return write_orders_recipe(tmp_path_factory.mktemp("recipe"), tiny_base_dir, "tiny.yaml", save_every=0)
 
 
 def test_train_writes_the_adapter_and_resume_needs_only_the_output(recipe, tmp_path, capsys):

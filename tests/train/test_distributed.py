@@ -14,21 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.data import orders
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import train
+from tests.conftest import write_orders_recipe
 
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory, tiny_base_dir):
-    directory = tmp_path_factory.mktemp("ddp")
-    orders.write_splits(directory, {"train": 16, "val": 4})
-    path = directory / "recipe.yaml"
     # A global batch of 4 rows (2 per process), accumulated twice: 8 examples a step.
-    path.write_text(f"base: {tiny_base_dir}\ntrain: {directory / 'train.jsonl'}\nval: {directory / 'val.jsonl'}\n"
-                    "r: 4\nmax_steps: 4\nbatch_size: 4\ngrad_accum: 2\nlr: 1e-2\nwarmup_steps: 1\nsave_every: 1\n"
-                    "threads: 1\n", encoding="utf-8")
-    return path
+    return write_orders_recipe(tmp_path_factory.mktemp("ddp"), tiny_base_dir, "recipe.yaml", grad_accum=2,
+                               save_every=1, threads=1)
 
 
 def _torchrun(recipe, output, *extra) -> subprocess.Popen:
