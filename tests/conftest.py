@@ -169,3 +169,12 @@ def tiny_base_dir(tmp_path_factory, smol_tokenizer):
     LlamaForCausalLM(config).save_pretrained(directory)
     smol_tokenizer.save_pretrained(directory)
     return directory
+
+
+def as_peft_writes_it(directory: Path) -> None:
+    """Rewrite an adapter's weights file without lorakit's metadata, as PEFT writes it (so hand-made
+    config edits are not caught as a mismatched pair, as they are in lorakit's own files)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = Path(directory) / "adapter_model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})

@@ -44,3 +44,42 @@ def test_a_truncated_file_is_reported_not_a_traceback(tmp_path, capsys):
 def test_help_lists_the_commands(capsys):
     assert main([]) == 2
     assert "info" in capsys.readouterr().out
+
+
+def _subcommands() -> list[str]:
+    from lorakit.cli import _parser
+
+    parser = _parser()
+    action = next(a for a in parser._actions if a.dest == "==SUPPRESS==" and getattr(a, "choices", None))
+    return sorted(action.choices)
+
+
+def test_every_commands_help_prints_its_flags_as_written(capsys):
+    """argparse formats help with %: a stray % prints a dict of its internals instead (it did, for
+    `train --help`). Every command's help must print cleanly, each flag's text as written."""
+    import pytest
+
+    commands = _subcommands()
+    assert {"train", "eval", "generate", "chat", "merge", "quantize", "compress", "info", "serve"} <= set(commands)
+    for command in commands:
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        assert "'option_strings'" not in out and "'dest'" not in out and "%(" not in out, command
+        assert "--help" in out and "usage: lorakit " + command in out, command
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "recompute activations in backward: less memory, ~30% slower (default: False)" in flat
+
+
+def test_float_flags_refuse_nan_and_infinity(capsys):
+    import pytest
+
+    for argv in (["train", "--lr", "nan"], ["train", "--weight-decay", "inf"], ["serve", "--request-timeout", "nan"],
+                 ["generate", "--temperature=-inf", "hi"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 2
+        assert "give a finite number" in capsys.readouterr().err

@@ -11,7 +11,14 @@ from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit.walk import lora_layers
-from tests.conftest import MLP, injected, randomize_adapters, tiny_gpt2, tiny_llama
+from tests.conftest import (
+    MLP,
+    as_peft_writes_it,
+    injected,
+    randomize_adapters,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 
 def saved_llama(tmp_path: Path, **config) -> tuple[torch.nn.Module, Path]:
@@ -34,7 +41,8 @@ def test_file_layout_is_peft_s(tmp_path):
     _model, directory = saved_llama(tmp_path, target_modules=["q_proj", "embed_tokens"])
     assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
     with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        metadata = f.metadata()
+        assert metadata.pop("format") == "pt" and set(metadata) == {"lorakit.config_digest"}  # PEFT reads "format"
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
     p = "base_model.model.model."
     assert shapes[p + "layers.0.self_attn.q_proj.lora_A.weight"] == (4, 32)
@@ -163,10 +171,21 @@ def test_wrong_shape_is_an_error(tmp_path):
 
 def test_rank_that_disagrees_with_the_config_is_an_error(tmp_path):
     _, directory = saved_llama(tmp_path, target_modules=["q_proj"])
+    as_peft_writes_it(directory)  # no record of the settings the weights were saved with
     config = json.loads((directory / "adapter_config.json").read_text())
     config["r"] = 8
     (directory / "adapter_config.json").write_text(json.dumps(config))
     assert_load_fails_cleanly(directory, "has rank 4, but adapter_config.json gives r=8")
+
+
+def test_weights_and_a_config_of_different_saves_are_refused(tmp_path):
+    _, directory = saved_llama(tmp_path, target_modules=["q_proj"])
+    config = json.loads((directory / "adapter_config.json").read_text())
+    (directory / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": 2 * config["lora_alpha"]}))
+    assert_load_fails_cleanly(directory, "saved with other settings than adapter_config.json gives")
+    # Keys that do not change the computation may be edited by hand.
+    (directory / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "me/mine"}))
+    assert lorakit.read_adapter_config(directory).base_model_name_or_path == "me/mine"
 
 
 def test_unknown_key_is_an_error(tmp_path):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import lorakit
 from lorakit.layers import QALoraLinear
 from lorakit.quant.linear import QuantLinear, quantize_linears
-from tests.conftest import randomize_adapters
+from tests.conftest import as_peft_writes_it, randomize_adapters
 
 
 def _llama():
@@ -119,6 +119,7 @@ def test_the_file_says_how_the_adapter_pools_and_refuses_the_wrong_base(tmp_path
         lorakit.load_adapter(quantize_linears(_llama(), bits=4, group_size=64), tmp_path / "qalora")
 
     config["qalora_pool"] = "mean"  # PEFT's convention: merging it as a sum would be wrong
+    as_peft_writes_it(tmp_path / "qalora")
     (tmp_path / "qalora" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(lorakit.ConfigError, match="pooled as 'mean'"):
         lorakit.read_adapter_config(tmp_path / "qalora")

@@ -131,3 +131,42 @@ def test_a_failing_batch_fails_its_requests_and_the_engine_keeps_serving(served,
         assert fine.finish_reason == "length" and len(fine.ids) == 3
     finally:
         engine.stop()
+
+
+def test_a_row_that_goes_wrong_fails_its_own_request_and_the_batch_goes_on(served, monkeypatch):
+    """A fault in one row of a mixed batch (an adapter whose weights turn NaN after it was loaded, and
+    a request whose sampling raises) fails those requests; every other row decodes what it would alone."""
+    from lorakit.serve import engine as engine_module
+
+    model, tokenizer = served
+    prompts = _prompts(tokenizer, 6)
+    adapters = ["tenant0", "tenant1", "tenant2", "tenant1", None, "tenant3"]
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    alone = [_alone(model, p, a, 8) for p, a in zip(prompts, adapters, strict=True)]
+    poisoned = model.model.layers[0].self_attn.q_proj.lora["tenant2"].lora_B
+    saved = poisoned.detach().clone()
+    failing = SamplingParams(max_tokens=8, temperature=0, seed=13)  # this one's sampling will raise
+    real_next_token = engine_module.next_token
+
+    def next_token(logits, params, generator):
+        if params is failing:
+            raise RuntimeError("sampling failed")
+        return real_next_token(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "next_token", next_token)
+    try:
+        with torch.no_grad():
+            poisoned.fill_(float("nan"))
+        engine = Engine(model, tokenizer)
+        requests = [engine.submit(Request(a, p, failing if i == 3 else greedy))
+                    for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
+        while not all(r.finish_reason for r in requests):
+            engine.step()
+    finally:
+        with torch.no_grad():
+            poisoned.copy_(saved)
+    assert requests[2].finish_reason == "error" and "NaN or infinite logits" in requests[2].error
+    assert requests[3].finish_reason == "error" and "sampling failed" in requests[3].error
+    for i in (0, 1, 4, 5):
+        assert requests[i].finish_reason in ("stop", "length") and requests[i].ids == alone[i]
+    assert engine.busy == 0  # the failed rows left the batch

@@ -10,6 +10,7 @@ from transformers import LlamaForCausalLM
 
 import lorakit
 from lorakit.serve.registry import AdapterRegistry
+from tests.conftest import as_peft_writes_it
 from tests.serve.conftest import _save_adapter
 
 
@@ -54,12 +55,14 @@ def test_an_adapter_in_use_is_neither_evicted_nor_unloaded(tiny_base_dir, adapte
 
 
 def _edit(directory, config=None, tensors=None):
+    """Change an adapter's files as a foreign writer would (PEFT's metadata: nothing binds the two)."""
+    as_peft_writes_it(directory)
     if config:
         data = json.loads((directory / "adapter_config.json").read_text())
         (directory / "adapter_config.json").write_text(json.dumps(data | config))
     if tensors:
         path = directory / "adapter_model.safetensors"
-        save_file(tensors(load_file(str(path))), str(path))
+        save_file(tensors(load_file(str(path))), str(path), metadata={"format": "pt"})
 
 
 def _poison(tensors):

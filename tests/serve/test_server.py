@@ -95,7 +95,7 @@ def _post(port, path, body: bytes, key="sk-acme-1", headers=None):
 @pytest.mark.parametrize(("body", "status", "words"), [
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "JSON object"),
-    (json.dumps({"prompt": "hi"}).encode(), 400, "'model' is required"),
+    (json.dumps({"prompt": "hi"}).encode(), 400, "model: Field required"),
     (json.dumps({"model": "acme-orders", "prompt": "hi", "max_tokens": 10**6}).encode(), 400, "max_tokens"),
     (json.dumps({"model": "acme-orders", "prompt": "hi", "temperature": "hot"}).encode(), 400, "temperature"),
     (json.dumps({"model": "acme-orders", "prompt": "hi " * 3000}).encode(), 400, "tokens"),

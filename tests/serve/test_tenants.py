@@ -1,6 +1,8 @@
 """The tenants file: keys as given or as sha256 digests, and clear errors for a bad file."""
 
 import hashlib
+import re
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +43,25 @@ tenants:
 def test_a_bad_tenants_file_is_one_clear_error(tmp_path, text, words):
     with pytest.raises(lorakit.ConfigError, match=words):
         _tenants(tmp_path, text)
+
+
+def test_the_readmes_tenants_files_parse(tmp_path):
+    readme = (Path(__file__).parent.parent.parent / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.DOTALL) if "tenants:" in b]
+    assert len(blocks) == 2
+    for block in blocks:
+        tenants = _tenants(tmp_path, block)
+        assert tenants.is_admin("change-me-admin-key")
+    assert tenants.tenant("sk-acme-1").max_requests == 16
+
+
+def test_tenants_limits_and_adapter_names_are_checked(tmp_path):
+    tenants = _tenants(tmp_path, "max_requests: 5\ntenants:\n  a: {api_keys: [sk-a-12345], adapters: [x]}\n"
+                                 "  b: {api_keys: [sk-b-12345], adapters: [y], max_requests: 2}\n")
+    assert tenants.tenant("sk-a-12345").max_requests == 5 and tenants.tenant("sk-b-12345").max_requests == 2
+    for text, words in [("tenants: {a: {api_keys: [sk-a-12345], adapters: ['../x']}}", "not an adapter name"),
+                        ("tenants: {a: {api_keys: [sk-a-12345], max_requests: 0}}", "at least 1"),
+                        ("max_requests: true\ntenants: {}", "whole number"),
+                        ("tenants: {a: {api_keys: [sk-a-12345], adapter: [x]}}", "unknown key")]:
+        with pytest.raises(lorakit.ConfigError, match=words):
+            _tenants(tmp_path, text)

@@ -7,6 +7,8 @@ import argparse
 import time
 from pathlib import Path
 
+from lorakit.argtypes import finite_float
+
 DECODE_PROMPT = "Order: two large pepperoni pizzas and a cola, to 5 Oak Road."
 
 
@@ -26,7 +28,7 @@ def register(commands) -> None:
     parser.add_argument("--adapter", type=Path, help="an adapter to merge into the base before compressing")
     how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--rank", type=int, help="keep this many singular values in every targeted layer")
-    how.add_argument("--energy", type=float,
+    how.add_argument("--energy", type=finite_float,
                      help="per layer, the smallest rank keeping this fraction of sum(S^2), e.g. 0.9")
     parser.add_argument("--targets", nargs="+", default=["all-linear"],
                         help="module names (or name suffixes) to factorise; all-linear: every Linear but the head")

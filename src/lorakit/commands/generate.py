@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from lorakit.argtypes import finite_float
+
 
 def register(commands) -> None:
     generate = commands.add_parser(
@@ -34,8 +36,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default="smollm2",
                         help="base model: a model directory, a .gguf file, or smollm2 (the embedded default)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    parser.add_argument("--temperature", type=finite_float, default=0.0, help="0 decodes greedily")
+    parser.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling threshold (with --temperature)")
 
 
 def _check(args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 from lorakit.compress import is_compressed_directory, load_compressed
 from lorakit.errors import LorakitError
+from lorakit.io.atomic import fsync_directory, fsync_tree
 from lorakit.quant.model import (
     QuantSpec,
     is_quantized_directory,
@@ -154,7 +155,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        fsync_tree(tmp)  # on disk before it is named as the cache: a power cut leaves no half cache
         os.replace(tmp, target)
+        fsync_directory(target.parent)
     except OSError:
         if not (target / "config.json").is_file():  # another process may have won the race
             raise

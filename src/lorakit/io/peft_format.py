@@ -11,24 +11,38 @@ Keys, with P = "base_model.model." and <path> a module path in the base model:
 Loading checks every tensor against the model before changing anything: an unknown key, a
 missing key, a wrong shape or a rank that disagrees with the config is an AdapterFileError and
 the model is left as it was. Pickle files (adapter_model.bin) are refused, never unpickled.
+
+The two files are one unit. The weights file's metadata records a SHA-256 of the config settings
+that decide what the tensors compute (rank, alpha, targets, layout...: ``BOUND_SETTINGS``; PEFT
+ignores metadata), and a save goes: the new config beside the old one as
+``.adapter_config.json.next``, then the new weights over the old (atomic rename), then the new
+config over the old. Killed at any point, the directory holds the old pair, or the new weights
+beside the new config waiting under its ``.next`` name, which loading recognises by its hash and
+completes. Weights whose recorded settings match neither config are an error, never a silent mix
+of one save's weights with another's scaling. Other keys (the base model's name, the task type)
+may be edited by hand.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.adapters import active_adapters, adapter_names, get_adapter_config
 from lorakit.config import ALL_LINEAR, LoraConfig, module_matches
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.inject import InjectionPlan, apply_plan, finish_injection, plan_injection
-from lorakit.io.atomic import atomic_path, atomic_write_text
+from lorakit.io.atomic import atomic_path, atomic_write_text, fsync_directory
 from lorakit.layers import Embedding, ModulesToSave, QALoraLinear, lora_class_for
 from lorakit.quant.linear import QuantLinear
 from lorakit.walk import bias_parameters, lora_layers, model_modules, saved_modules
@@ -37,6 +51,12 @@ PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+NEXT_CONFIG_NAME = ".adapter_config.json.next"  # a save's new config, until its weights are in place
+CONFIG_DIGEST = "lorakit.config_digest"  # weights metadata: the hash of the settings they were saved with
+# The adapter_config.json keys that change what the tensors compute, bound to the weights by hash.
+BOUND_SETTINGS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+                  "exclude_modules", "fan_in_fan_out", "bias", "modules_to_save", "use_dora", "use_qalora",
+                  "qalora_group_size", "qalora_pool", "qalora_bits")
 
 
 # --- keys ----------------------------------------------------------------------------------
@@ -129,13 +149,28 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     if tensors.keys() != slots.keys():
         raise ValueError(f"tensors for adapter {name!r} must have exactly its file keys")
     tensors = {key: tensor.to("cpu", copy=True).contiguous() for key, tensor in tensors.items()}
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterFileError(f"adapter {name!r}: {key} holds NaN or infinite values; not saved")
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(file_config, indent=2, sort_keys=True) + "\n")
+    config_text = json.dumps(file_config, indent=2, sort_keys=True) + "\n"
+    atomic_write_text(directory / NEXT_CONFIG_NAME, config_text)  # 1. the new config, beside the old
+    try:
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:  # 2. the new weights, naming their config
+            save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_DIGEST: _settings_digest(file_config)})
+    except BaseException:  # the old pair stands; the new config has nothing to wait for
+        (directory / NEXT_CONFIG_NAME).unlink(missing_ok=True)
+        raise
+    os.replace(directory / NEXT_CONFIG_NAME, directory / CONFIG_NAME)  # 3. the new config in place
+    fsync_directory(directory)
     return directory
+
+
+def _settings_digest(data: dict) -> str:
+    bound = {key: data.get(key) for key in BOUND_SETTINGS}
+    return hashlib.sha256(json.dumps(bound, sort_keys=True).encode()).hexdigest()
 
 
 def _qalora_fields(layers: list[tuple[str, nn.Module]]) -> dict[str, int | None]:
@@ -187,30 +222,104 @@ def _file_targets(model: nn.Module, config: LoraConfig, paths: list[str]) -> str
 # --- read and load -------------------------------------------------------------------------
 
 
+class AdapterFiles(NamedTuple):
+    """An adapter directory read into memory, each file once: what is checked is what is loaded."""
+
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]  # file key -> float tensor on the CPU
+
+
 def read_adapter_config(directory: str | Path) -> LoraConfig:
     """The LoraConfig of an adapter directory, with a clear error for anything wrong."""
-    config_path = _adapter_dir(directory) / CONFIG_NAME
-    if not config_path.is_file():
-        raise AdapterFileError(f"{directory}: no {CONFIG_NAME}; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"{config_path}: not valid JSON ({err})") from None
+    path = _adapter_dir(directory)
+    if not (path / CONFIG_NAME).is_file() and not (path / NEXT_CONFIG_NAME).is_file():
+        raise _no_config(path)
+    weights = path / WEIGHTS_NAME
+    digest = _recorded_digest(_header_metadata(weights)) if weights.is_file() else None
+    return _config_for(path, digest)
+
+
+def _config_for(directory: Path, digest: str | None) -> LoraConfig:
+    """The directory's config; when the weights record a settings ``digest``, the config they were
+    saved with, completing a save that was cut off between its two renames."""
+    config_path = directory / CONFIG_NAME
+    data = _json_object(config_path.read_bytes(), config_path) if config_path.is_file() else None
+    waiting = directory / NEXT_CONFIG_NAME
+    if digest is not None and waiting.is_file():
+        pending = _json_object(waiting.read_bytes(), waiting)
+        if _settings_digest(pending) == digest:  # the weights' own config, left waiting by a cut-off save
+            data = pending
+            try:  # finish that save, where this process may write
+                os.replace(waiting, config_path)
+                fsync_directory(directory)
+            except OSError:
+                pass
+    if data is None:
+        raise _no_config(directory)
+    if digest is not None and _settings_digest(data) != digest:
+        raise AdapterFileError(
+            f"{directory}: {WEIGHTS_NAME} was saved with other settings than {CONFIG_NAME} gives (r, alpha, "
+            "targets...: files of two different saves, or a setting edited by hand); save the adapter again")
     return LoraConfig.from_peft_dict(data, source=str(config_path))
 
 
-def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """(config, tensors by file key) of an adapter directory, every tensor a float tensor on CPU."""
-    config = read_adapter_config(directory)
-    weights = _weights_path(directory)
+def _no_config(directory: Path) -> AdapterFileError:
+    return AdapterFileError(f"{directory}: no {CONFIG_NAME}; an adapter directory holds {CONFIG_NAME} and "
+                            f"{WEIGHTS_NAME}")
+
+
+def _json_object(raw: bytes, path: Path) -> dict:
     try:
-        tensors = load_file(str(weights), device="cpu")
+        data = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path}: must hold a JSON object")
+    return data
+
+
+def _header_metadata(weights: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return f.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise _unreadable(weights, err) from None
+
+
+def _metadata_of(raw: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes that have already loaded (so the header is sound)."""
+    length = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + length]).get("__metadata__") or {}
+
+
+def _recorded_digest(metadata: dict[str, str]) -> str | None:
+    return metadata.get(CONFIG_DIGEST)
+
+
+def read_adapter(directory: str | Path, max_bytes: int | None = None) -> AdapterFiles:
+    """An adapter directory's config and tensors (float, on the CPU), each file read once.
+    ``max_bytes`` refuses a weights file larger than that before reading it whole."""
+    path = _adapter_dir(directory)
+    if not (path / CONFIG_NAME).is_file() and not (path / NEXT_CONFIG_NAME).is_file():
+        raise _no_config(path)
+    weights = _weights_path(directory)
+    try:
+        with open(weights, "rb") as f:
+            raw = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    except OSError as err:
+        raise _unreadable(weights, err) from None
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise AdapterFileError(f"{weights}: over {max_bytes} bytes, more than any adapter of the allowed rank "
+                               "for this model holds")
+    try:
+        tensors = dict(sorted(load_safetensors(raw).items()))  # in key order, whatever the file's layout
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(weights, err) from None
+    config = _config_for(path, _recorded_digest(_metadata_of(raw)))
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise AdapterFileError(f"{weights}: {key} has dtype {tensor.dtype}; adapter tensors are floating point")
-    return config, tensors
+    return AdapterFiles(config, tensors)
 
 
 def read_adapter_header(directory: str | Path) -> tuple[LoraConfig, dict[str, tuple[tuple[int, ...], str]], int]:
@@ -228,18 +337,20 @@ def read_adapter_header(directory: str | Path) -> tuple[LoraConfig, dict[str, tu
 
 
 def load_adapter(
-    model: nn.Module, directory: str | Path, name: str = "default", activate: bool = True
+    model: nn.Module, source: str | Path | AdapterFiles, name: str = "default", activate: bool = True
 ) -> nn.Module:
-    """Load an adapter directory (lorakit's or PEFT's) into ``model`` as adapter ``name``.
+    """Load an adapter (a directory, lorakit's or PEFT's, or one already read with ``read_adapter``)
+    into ``model`` as adapter ``name``.
 
     ``model`` may be a bare base model or already hold other adapters. Everything is checked
     before the model changes; on any error it is left exactly as it was.
     """
-    config, tensors = read_adapter(directory)
+    config, tensors = source if isinstance(source, AdapterFiles) else read_adapter(source)
+    where = "the adapter" if isinstance(source, AdapterFiles) else str(_weights_path(source))
     plan = plan_injection(model, config, name, activate)
-    _check_qalora_fits(config, plan, directory)
+    _check_qalora_fits(config, plan, where)
     required, optional = _expected_shapes(model, plan)
-    _check_tensors(tensors, required, optional, str(_weights_path(directory)))
+    _check_tensors(tensors, required, optional, where)
 
     apply_plan(model, plan, init=False)
     slots = adapter_slots(model, name)
@@ -253,14 +364,14 @@ def load_adapter(
     return model
 
 
-def _check_qalora_fits(config: LoraConfig, plan: InjectionPlan, directory: str | Path) -> None:
+def _check_qalora_fits(config: LoraConfig, plan: InjectionPlan, source: str) -> None:
     """A QA-LoRA adapter goes on quantized layers of its group size, a plain one on plain layers."""
     for path, module in plan.targets.items():
         group = getattr(module, "group_size", None) if isinstance(module, QuantLinear) else None
         if group != config.qalora_group_size:
             want = f"quantized with groups of {config.qalora_group_size}" if config.qalora_group_size else "not quantized"
             have = f"quantized with groups of {group}" if group else "not quantized"
-            raise AdapterFileError(f"{directory}: the adapter needs {path} {want}, but it is {have}; load it onto "
+            raise AdapterFileError(f"{source}: the adapter needs {path} {want}, but it is {have}; load it onto "
                                    "the base it was trained on")
 
 

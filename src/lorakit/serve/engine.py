@@ -7,13 +7,17 @@ running batch's). Rows are kept grouped by adapter, so each adapter's rows are o
 segment's adapter with two batched matmuls per layer.
 
 Each request has its own sampling settings and random generator, so its tokens do not depend on
-which other requests share its batch (greedy decoding gives the tokens it gives alone).
+which other requests share its batch (greedy decoding gives the tokens it gives alone). A row that
+goes wrong (non-finite logits, a sampling error, an adapter that fails to load) fails its own
+request; the rest of the batch goes on. Free rows go round-robin to the tenants with requests
+waiting (serve/fair_queue.py).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
@@ -25,12 +29,15 @@ from transformers import DynamicCache
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.layers.base import RowPlan
 from lorakit.mixed_batch import row_segments, rows_use_plan
+from lorakit.serve.fair_queue import FairQueue, QueueFull
 from lorakit.serve.kv import BatchCache
 from lorakit.serve.sampling import SamplingParams, next_token
 
+__all__ = ["Engine", "Event", "QueueFull", "Request"]
 
-class QueueFull(LorakitError):
-    """The engine has as many waiting requests as it accepts; the client should retry later."""
+
+class RowError(LorakitError):
+    """One row of the batch went wrong; its request fails, the others go on."""
 
 
 @dataclass(frozen=True)
@@ -48,12 +55,17 @@ class Request:
     adapter: str | None  # None: the base model alone
     prompt_ids: list[int]
     params: SamplingParams
+    tenant: str | None = None  # whose turn it takes in the waiting line
+    # Where its events go, called on the engine's thread; by default the ``events`` queue.
+    deliver: Callable[[Event], None] | None = None
     id: int = field(default_factory=count().__next__)
     events: queue.Queue = field(default_factory=queue.Queue)
+    submitted: float = field(default_factory=time.monotonic)
     ids: list[int] = field(default_factory=list)  # generated so far
     sent: int = 0  # characters of the decoded text already sent
     finish_reason: str | None = None  # set once the request is done
     error: str = ""  # why, when finish_reason is "error"
+    failure: Exception | None = None  # the exception behind ``error``
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,12 +91,11 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_batch = max_batch
-        self.max_waiting = max_waiting
         self.prepare, self.release = prepare, release
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.lock = threading.RLock()
-        self._waiting: queue.Queue[Request] = queue.Queue()
+        self._waiting: FairQueue[Request] = FairQueue(max_waiting)
         self._wake = threading.Event()
         self._running: list[Request] = []  # rows of the batch, grouped by adapter
         self._cache: BatchCache | None = None
@@ -96,10 +107,18 @@ class Engine:
 
     # --- submitting ---------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> Request:
-        if self._waiting.qsize() >= self.max_waiting:
-            raise QueueFull(f"{self.max_waiting} requests are already waiting; retry shortly")
-        self._waiting.put(request)
+    @property
+    def max_waiting(self) -> int:
+        return self._waiting.max_waiting
+
+    @max_waiting.setter
+    def max_waiting(self, value: int) -> None:
+        self._waiting.max_waiting = value
+
+    def submit(self, request: Request, tenant_limit: int | None = None) -> Request:
+        """Queue ``request``; QueueFull when the waiting line is full, or when its tenant already
+        holds ``tenant_limit`` requests (running and waiting)."""
+        self._waiting.put(request, tenant_limit)
         self._wake.set()
         return request
 
@@ -114,14 +133,24 @@ class Engine:
         return [r.ids for r in requests]
 
     def cancel(self, request: Request) -> None:
-        """End ``request`` now (its client went away); its row leaves the batch at the next step."""
-        with self.lock:
-            if request.finish_reason is None:
-                request.finish_reason = "cancelled"
+        """End ``request`` now (its client went away, or its handler failed): a running row leaves
+        the batch after the step under way, a waiting request never joins it. Thread-safe, and
+        a no-op for a request that has already ended."""
+        if request.finish_reason is None:
+            request.finish_reason = "cancelled"
+        self._wake.set()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
 
     @property
     def busy(self) -> int:
-        return len(self._running) + self._waiting.qsize()
+        return self.running + self.waiting
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -137,7 +166,7 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stopping:
-            if not self._running and self._waiting.empty():
+            if not self._running and not len(self._waiting):
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
@@ -152,8 +181,7 @@ class Engine:
             for request in self._running:
                 if not _finished(request):
                     _fail(request, err)
-                if request.adapter is not None:
-                    self.release(request.adapter)
+                self._leave(request)
             self._running, self._cache, self._last, self._plan = [], None, None, None
 
     @torch.inference_mode()
@@ -161,8 +189,14 @@ class Engine:
         """Admit waiting requests, then decode one token for every running request."""
         with self.lock:
             joining = []
-            while len(self._running) + len(joining) < self.max_batch and not self._waiting.empty():
-                joining.append(self._waiting.get())
+            while len(self._running) + len(joining) < self.max_batch:
+                request = self._waiting.take()
+                if request is None:
+                    break
+                if _finished(request):  # cancelled while it waited: it takes no row
+                    self._waiting.done(request)
+                    continue
+                joining.append(request)
             if joining:
                 self._admit(joining)
             if self._running:
@@ -171,14 +205,13 @@ class Engine:
     def _admit(self, requests: list[Request]) -> None:
         ready = []
         for request in requests:
-            if _finished(request):  # cancelled while it waited
-                continue
             try:
                 if request.adapter is not None:
                     self.prepare(request.adapter)
                 ready.append(request)
             except Exception as err:  # noqa: BLE001 - the error goes to its request, the engine keeps serving
                 _fail(request, err)
+                self._waiting.done(request)  # never prepared: nothing to release
         if not ready:
             return
         ready.sort(key=_group_key)
@@ -187,8 +220,7 @@ class Engine:
         except Exception as err:
             for request in ready:  # not in the batch yet: fail and release them here
                 _fail(request, err)
-                if request.adapter is not None:
-                    self.release(request.adapter)
+                self._leave(request)
             raise
         if self._cache is None:
             self._cache = joining
@@ -230,11 +262,22 @@ class Engine:
         self._regroup()
 
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        """Each row's next token, sent on to its request; (B,) on CPU."""
+        """Each row's next token, sent on to its request; (B,) on CPU. A row whose logits are not
+        finite, or whose sampling fails, fails its own request (its row leaves at the regroup)."""
         logits = logits.float().cpu()  # one transfer; sampling runs on CPU with each request's generator
-        chosen = [next_token(row, r.params, r.generator) for r, row in zip(requests, logits, strict=True)]
+        finite = torch.isfinite(logits).all(dim=1)  # (B,)
+        chosen = []
+        for request, row, ok in zip(requests, logits, finite.tolist(), strict=True):
+            try:
+                if not ok:
+                    raise RowError("the model produced NaN or infinite logits for this request")
+                chosen.append(next_token(row, request.params, request.generator))
+            except Exception as err:  # noqa: BLE001 - this row's failure, not the batch's
+                _fail(request, err)
+                chosen.append(self.pad_id)
         for request, token in zip(requests, chosen, strict=True):
-            self._append(request, token)
+            if not _finished(request):  # failed or cancelled rows get nothing more
+                self._append(request, token)
         return torch.tensor(chosen, dtype=torch.long)
 
     def _append(self, request: Request, token: int) -> None:
@@ -253,14 +296,14 @@ class Engine:
         while safe > request.sent and text[safe - 1] == "\ufffd":
             safe -= 1
         if safe > request.sent:
-            request.events.put(Event(text=text[request.sent:safe]))
+            _send(request, Event(text=text[request.sent:safe]))
             request.sent = safe
         return None
 
     def _finish(self, request: Request, reason: str, text: str) -> None:
         request.finish_reason = reason
-        request.events.put(Event(text=text[request.sent:], finish_reason=reason, prompt_tokens=len(request.prompt_ids),
-                                 completion_tokens=len(request.ids)))
+        _send(request, Event(text=text[request.sent:], finish_reason=reason, prompt_tokens=len(request.prompt_ids),
+                             completion_tokens=len(request.ids)))
         request.sent = len(text)
 
     def _text(self, ids: list[int]) -> str:
@@ -282,13 +325,29 @@ class Engine:
             self._cache.select(index.to(self.device))
             self._last = self._last[index]
         for request in done:
-            if request.adapter is not None:
-                self.release(request.adapter)
+            self._leave(request)
+
+    def _leave(self, request: Request) -> None:
+        """A request that held a row has left the batch for good."""
+        if request.adapter is not None:
+            self.release(request.adapter)
+        self._waiting.done(request)
+
+
+def _send(request: Request, event: Event) -> None:
+    try:
+        if request.deliver is None:
+            request.events.put(event)
+        else:
+            request.deliver(event)
+    except Exception:  # noqa: BLE001 - its consumer is gone (a closed event loop): end the request
+        if request.finish_reason is None:
+            request.finish_reason = "cancelled"
 
 
 def _fail(request: Request, err: Exception) -> None:
-    request.finish_reason, request.error = "error", f"{type(err).__name__}: {err}"
-    request.events.put(Event(text=request.error, finish_reason="error"))
+    request.finish_reason, request.error, request.failure = "error", f"{type(err).__name__}: {err}", err
+    _send(request, Event(text=request.error, finish_reason="error"))
 
 
 def _finished(request: Request) -> bool:

@@ -8,6 +8,11 @@ import torch
 
 from lorakit.errors import ConfigError
 
+# Temperatures between 0 and MIN_TEMPERATURE are refused: they sample greedily in all but name
+# (send 0 for that) and push the divided logits towards float32's limits.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 2.0
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -20,8 +25,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ConfigError("max_tokens must be at least 1")
-        if not 0 <= self.temperature <= 2:
-            raise ConfigError("temperature must be between 0 and 2")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise ConfigError(f"temperature must be 0 (greedy) or from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}")
         if not 0 < self.top_p <= 1:
             raise ConfigError("top_p must be in (0, 1]")
         if any(not isinstance(s, str) or not s for s in self.stop) or len(self.stop) > 4:
@@ -32,7 +37,10 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     """The next token for one row, from its (V,) logits."""
     if params.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    logits = logits.float()
+    # Shifted so the largest is 0 before dividing: the quotients are <= 0, and a small temperature
+    # sends them towards -inf (probability 0), never to +inf.
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest set of most likely tokens whose mass reaches top_p (at least one token).

@@ -2,7 +2,17 @@
 
 The file (YAML) holds keys as given or as ``sha256:<hex>`` of the key, so it need not hold a
 secret. Keys are compared as SHA-256 digests. A tenant that asks for another tenant's adapter is
-told exactly what it would be told for an adapter that does not exist.
+told exactly what it would be told for an adapter that does not exist. Each tenant may hold at
+most ``max_requests`` requests at once, running and waiting (the file's top-level
+``max_requests`` is the default for tenants that give none).
+
+    admin_key: "sha256:9f86d0..."
+    max_requests: 64
+    tenants:
+      acme:
+        api_keys: ["sk-acme-1"]
+        adapters: ["acme-orders"]
+        max_requests: 16
 """
 
 from __future__ import annotations
@@ -12,12 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.errors import ConfigError
+from lorakit.serve.names import is_adapter_name
+
+DEFAULT_MAX_REQUESTS = 64
 
 
 @dataclass(frozen=True)
 class Tenant:
     name: str
     adapters: frozenset[str]
+    max_requests: int = DEFAULT_MAX_REQUESTS  # running and waiting at once
 
 
 class Tenants:
@@ -35,15 +49,27 @@ class Tenants:
             raise ConfigError(f"{path}: cannot read the tenants file ({err})") from None
         if not isinstance(data, dict) or not isinstance(data.get("tenants"), dict):
             raise ConfigError(f"{path}: expected a mapping with 'tenants:' (and optionally 'admin_key:')")
-        unknown = set(data) - {"tenants", "admin_key"}
+        unknown = set(data) - {"tenants", "admin_key", "max_requests"}
         if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; the file holds 'tenants' and 'admin_key'")
+            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; the file holds 'tenants', 'admin_key' "
+                              "and 'max_requests'")
+        default_limit = _limit(data.get("max_requests", DEFAULT_MAX_REQUESTS), "max_requests", path)
         by_digest: dict[str, Tenant] = {}
         for name, entry in data["tenants"].items():
-            keys, adapters = (entry or {}).get("api_keys"), (entry or {}).get("adapters", [])
+            entry = entry if isinstance(entry, dict) else {}
+            extra = set(entry) - {"api_keys", "adapters", "max_requests"}
+            if extra:
+                raise ConfigError(f"{path}: tenant {name!r} has unknown key(s) {sorted(extra)}; a tenant holds "
+                                  "'api_keys', 'adapters' and 'max_requests'")
+            keys, adapters = entry.get("api_keys"), entry.get("adapters", [])
             if not isinstance(keys, list) or not keys or not isinstance(adapters, list):
                 raise ConfigError(f"{path}: tenant {name!r} needs 'api_keys: [...]' (at least one) and 'adapters: [...]'")
-            tenant = Tenant(str(name), frozenset(map(str, adapters)))
+            bad = [a for a in adapters if not is_adapter_name(a)]
+            if bad:
+                raise ConfigError(f"{path}: tenant {name!r}: {bad[0]!r} is not an adapter name (1-128 ASCII letters, "
+                                  "digits, '-', '_', '.', ':')")
+            limit = _limit(entry.get("max_requests", default_limit), f"tenant {name!r}: max_requests", path)
+            tenant = Tenant(str(name), frozenset(adapters), limit)
             for key in keys:
                 digest = _digest_of(str(key), path)
                 if digest in by_digest:
@@ -61,6 +87,12 @@ class Tenants:
 
     def adapters(self) -> set[str]:
         return {a for t in self._by_digest.values() for a in t.adapters}
+
+
+def _limit(value: object, what: str, path: str | Path) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{path}: {what} must be a whole number of at least 1, not {value!r}")
+    return value
 
 
 def _sha256(key: str) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.io.atomic import atomic_path, atomic_write_text
+from lorakit.io.atomic import (
+    atomic_path,
+    atomic_write_text,
+    fsync_tree,
+    replace_directory,
+    temporary_name,
+)
 from lorakit.io.peft_format import read_adapter, save_adapter
 from lorakit.train.distributed import full, gathered, shard_like
 
@@ -66,16 +71,15 @@ def save_checkpoint(output: Path, model: nn.Module, state: TrainingState, step: 
     root = output / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = root / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    final = root / name
+    tmp = temporary_name(final)
     try:
         save_adapter(model, tmp, tensors=state.adapter)
         with atomic_path(tmp / OPTIMIZER_FILE) as path:
             save_file(state.optimizer, str(path))
         atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, "config": config}, indent=2) + "\n")
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        fsync_tree(tmp)
+        replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

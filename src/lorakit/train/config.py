@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lorakit.argtypes import finite_float
 from lorakit.errors import ConfigError
 from lorakit.quant.model import QuantSpec
 
@@ -76,10 +77,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
         for name in ("dropout", "weight_decay", "min_lr_ratio", "max_grad_norm"):
             value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+            # NaN passes `value < 0` (every comparison with NaN is false), hence the finiteness check.
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.min_lr_ratio > 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.dropout >= 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.quant_bits:
             QuantSpec(self.quant_bits, self.quant_group_size)  # a clear error for bad bits or groups
         if self.parallel not in PARALLEL:
@@ -148,13 +152,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         shown = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        text = f"{f.metadata['help']} (default: {_show(shown)})"
+        # argparse treats help as a %-format string: a bare % ("~30% slower") would print its
+        # parameters' dict in the middle of the text.
+        text = f"{f.metadata['help']} (default: {_show(shown)})".replace("%", "%%")
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif f.type.startswith("list"):
             parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="NAME", help=text)
         else:
-            kind = {"int": int, "float": float}.get(f.type, str)
+            kind = {"int": int, "float": finite_float}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=text)
 
 

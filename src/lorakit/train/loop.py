@@ -169,6 +169,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
         if done == end or (config.save_every and done % config.save_every == 0):
             state = capture(slots, optimizer)
             if world.is_main:
+                metrics.sync()  # the metrics a resume from this checkpoint keeps are on disk first
                 save_checkpoint(output, model, state, done, config.to_dict())
         if bar is not None:
             bar.set_postfix_str(_postfix(losses, val_loss, tokens / seconds), refresh=False)

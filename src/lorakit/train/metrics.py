@@ -2,14 +2,19 @@
 
 Lines are {"step", "loss", "lr", "grad_norm", "tokens_per_s", ...} for training steps and
 {"step", "val_loss"} for validations. On resume the file is cut back to the checkpoint's step,
-so it always reads as one uninterrupted run.
+so it always reads as one uninterrupted run. Its lines reach the disk (fsync) before a checkpoint
+is declared written, so a checkpoint never runs ahead of the metrics it resumes; a process killed
+while appending leaves at most a torn last line, which resuming drops (and says so).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
+from lorakit.errors import LorakitError
 from lorakit.io.atomic import atomic_path, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -19,18 +24,48 @@ PLOT_FILE = "loss.png"
 class MetricsLog:
     def __init__(self, output: Path, resume_step: int | None) -> None:
         self.path = output / METRICS_FILE
-        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step is not None else []
+        kept = []
+        if resume_step is not None:
+            records, torn = _read(self.path)
+            if torn:
+                print(f"lorakit: {self.path}: dropped its last line, cut off mid-write when the run stopped "
+                      f"({torn[:60]!r}...)", file=sys.stderr)
+            kept = [r for r in records if r["step"] <= resume_step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def sync(self) -> None:
+        """Put every line written so far on disk."""
+        with open(self.path, "rb+") as f:
+            os.fsync(f.fileno())
+
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics file; a torn last line (a run killed mid-write) is left out."""
+    return _read(path)[0]
+
+
+def _read(path: Path) -> tuple[list[dict], str]:
+    """(records, the torn last line or "")."""
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [], ""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            if number == len(lines):
+                return records, line
+            raise LorakitError(f"{path}:{number}: not a metrics line; the file was changed by hand or is damaged; "
+                               "restore it or start a new run")
+        records.append(record)
+    return records, ""
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
