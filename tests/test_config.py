@@ -83,3 +83,12 @@ def test_features_that_are_off_are_accepted():
     data = LoraConfig(target_modules=["q_proj"]).to_peft_dict(["q_proj"])
     data.update(use_dora=False, eva_config=None, loftq_config={}, peft_version="0.99", megatron_core="megatron.core")
     assert LoraConfig.from_peft_dict(data).target_modules == ("q_proj",)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("field", ["alpha", "dropout"])
+def test_every_float_setting_refuses_nan_and_infinity(field, value):
+    with pytest.raises(ConfigError, match=field):
+        LoraConfig(**{field: value})
+    with pytest.raises(ConfigError, match="alpha_pattern"):
+        LoraConfig(alpha_pattern={"q_proj": value})

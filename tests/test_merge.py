@@ -8,7 +8,9 @@ from torch import nn
 import lorakit
 from lorakit.layers import LoraLayer, ModulesToSave
 from lorakit.walk import lora_layers
-from tests.conftest import MLP, injected, randomize_adapters, tiny_gpt2
+from tests.conftest import CASES, MLP, as_peft_writes_it, injected, randomize_adapters, tiny_gpt2
+
+CASE = {case.name: case for case in CASES}
 
 
 def test_merged_and_unmerged_outputs_agree(case):
@@ -136,3 +138,106 @@ def test_state_dict_merge_rejects_a_base_that_does_not_fit():
         lorakit.save_adapter(model, tmp)
         with pytest.raises(lorakit.AdapterFileError, match="state dict has no 'fc1.weight'"):
             lorakit.merge_adapter_into_state_dict({"other.weight": torch.zeros(2, 2)}, tmp)
+
+
+class GPT2WithProjection(nn.Module):
+    """GPT-2 (Conv1D layers, stored (in, out)) and a square nn.Linear (stored (out, in)) side by side:
+    one adapter over both must transpose the first kind only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gpt2 = tiny_gpt2()
+        self.projection = nn.Linear(32, 32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.gpt2(ids).logits[..., :32])
+
+
+@pytest.mark.parametrize("build, targets", [
+    (GPT2WithProjection, ["c_attn", "c_proj", "c_fc", "projection"]),  # Conv1D (square c_proj) and square Linear
+    (CASE["llama"].build, CASE["llama"].targets),  # with the embedding
+    (CASE["cnn"].build, CASE["cnn"].targets),
+    (CASE["embedding"].build, CASE["embedding"].targets),
+])
+def test_the_state_dict_merge_and_the_model_merge_write_identical_weights(build, targets, tmp_path):
+    torch.manual_seed(0)
+    model = build()
+    base_state = copy.deepcopy(model.state_dict())
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=targets))
+    randomize_adapters(model, std=0.3)
+    lorakit.save_adapter(model, tmp_path)
+    from_file = lorakit.merge_adapter_into_state_dict(base_state, tmp_path)
+    from_model = lorakit.merge_and_unload(model).state_dict()
+    assert from_file.keys() == from_model.keys()
+    changed = [key for key in from_file if not torch.equal(from_file[key], base_state[key])]
+    assert changed
+    for key in from_file:
+        assert torch.equal(from_file[key], from_model[key]), key
+
+
+def test_a_peft_file_with_one_fan_in_fan_out_flag_is_refused_on_a_square_layer(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2WithProjection()
+    base_state = copy.deepcopy(model.state_dict())
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["c_attn", "projection"]))
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path)
+    as_peft_writes_it(tmp_path)  # PEFT's file says only fan_in_fan_out: true, for every layer
+    with pytest.raises(lorakit.AdapterFileError, match="projection is square"):
+        lorakit.merge_adapter_into_state_dict(base_state, tmp_path)
+    torch.manual_seed(0)  # the same base again
+    model = GPT2WithProjection()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["c_attn"]))
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path / "conv1d-only")
+    as_peft_writes_it(tmp_path / "conv1d-only")  # c_attn (32, 96) is not square: its shape decides
+    merged = lorakit.merge_adapter_into_state_dict(base_state, tmp_path / "conv1d-only")
+    expected = lorakit.merge_and_unload(model).state_dict()
+    key = "gpt2.transformer.h.0.attn.c_attn.weight"
+    assert torch.equal(merged[key], expected[key])
+
+
+# --- low precision: unmerge is exact, and several adapters round once ---------------------------------
+
+
+def _bf16_model(adapters=("a",)):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).to(torch.bfloat16)
+    for i, name in enumerate(adapters):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["0", "2"]), name=name)
+        randomize_adapters(model, seed=i, std=0.05)
+    return model
+
+
+def test_a_bf16_merge_then_unmerge_gives_the_original_weights_back_bit_for_bit():
+    model = _bf16_model()
+    before = [layer.weight.detach().clone() for _, layer in lora_layers(model)]
+    lorakit.merge(model)
+    assert not all(torch.equal(b, layer.weight) for b, (_, layer) in zip(before, lora_layers(model), strict=True))
+    assert not any("unmerged" in key for key in model.state_dict())  # the kept copy is never saved
+    lorakit.unmerge(model)
+    for b, (_, layer) in zip(before, lora_layers(model), strict=True):
+        assert torch.equal(b, layer.weight)
+    assert not any("unmerged" in name for name, _ in model.named_buffers())  # and is let go
+
+
+def test_ten_disable_enable_cycles_leave_a_merged_bf16_model_bit_identical():
+    model = _bf16_model()
+    lorakit.merge(model)
+    merged = [layer.weight.detach().clone() for _, layer in lora_layers(model)]
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    for _ in range(10):
+        with lorakit.disable_adapters(model):
+            model(x)
+    for m, (_, layer) in zip(merged, lora_layers(model), strict=True):
+        assert torch.equal(m, layer.weight)
+
+
+def test_several_adapters_merged_into_bf16_are_rounded_once():
+    model = _bf16_model(adapters=("a", "b"))
+    _, layer = next(iter(lora_layers(model)))
+    once = layer.weight.float() + (layer._delta_weight(layer.lora["a"]) + layer._delta_weight(layer.lora["b"]))
+    lorakit.set_adapter(model, ["a", "b"])
+    layer.merge(["a"])  # two calls, as a user adding a second adapter later would
+    layer.merge(["b"])
+    assert torch.equal(layer.weight, once.to(torch.bfloat16))

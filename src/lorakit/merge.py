@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, MergeError
-from lorakit.layers.base import lora_delta
+from lorakit.layers.base import delta_in_weight_layout
 from lorakit.walk import lora_layers, replace_module, saved_modules
 
 
@@ -74,18 +73,25 @@ def merge_adapter_into_state_dict(
     """Merge the adapter directory ``adapter`` into a saved base ``state_dict`` (keys as in the
     base model's own ``state_dict()``). Returns a new dict; the input is not modified.
 
+    The weights come out as the model merge (``merge_and_unload``) writes them: each layer's update
+    laid out by the same rule (``delta_in_weight_layout``), added in float32 and rounded once. A
+    layer stored transposed (GPT-2's Conv1D) is known by name from lorakit's files; PEFT's files say
+    only fan_in_fan_out for the whole adapter, so then a layer's shape decides, and a square one
+    (where both layouts fit) is an error rather than a guess.
+
     A QA-LoRA adapter merges into a quantized state dict (lorakit's quantized model file): its
     (out, in / g) update shifts ``<path>.mins``; codes and scales are left as they are.
     Needs no model and no lorakit layers: this is the offline export path.
     """
     from lorakit.io.peft_format import PREFIX, read_adapter, split_adapter_key
 
-    config, tensors = read_adapter(adapter)
+    files = read_adapter(adapter)
+    config = files.config
     merged = dict(state_dict)
     source = str(adapter)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    transposed: dict[str, bool] = {}
-    for key, tensor in tensors.items():
+    embeddings: set[str] = set()
+    for key, tensor in files.tensors.items():
         if not key.startswith(PREFIX):
             raise AdapterFileError(f"{source}: key {key!r} lacks the {PREFIX!r} prefix of a LoRA adapter file")
         path, part, is_embedding = split_adapter_key(key[len(PREFIX):])
@@ -96,8 +102,8 @@ def merge_adapter_into_state_dict(
             merged[base_key] = tensor.to(merged[base_key].dtype)
         else:
             pairs.setdefault(path, {})[part] = tensor
-            # Embeddings store (vocab, dim) and GPT-2's Conv1D (in, out): both the transpose of B @ A.
-            transposed[path] = is_embedding or config.fan_in_fan_out
+            if is_embedding:
+                embeddings.add(path)
     for path, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise AdapterFileError(f"{source}: {path} has lora_{next(iter(pair))} without its partner")
@@ -106,7 +112,16 @@ def merge_adapter_into_state_dict(
         if base is None:
             kind = "a quantized state dict (QA-LoRA adapter)" if config.qalora_group_size else "the state dict"
             raise AdapterFileError(f"{source}: adapts {path}, but {kind} has no {base_key!r}")
-        delta = _delta_for_state_dict(config, path, pair["A"], pair["B"], transposed[path], base.shape, source)
+        a, b = pair["A"], pair["B"]
+        r = config.rank_for(path)
+        if a.shape[0] != r or b.shape[1] != r:
+            raise AdapterFileError(f"{source}: {path} has rank {a.shape[0]} in the file but r={r} in its config")
+        transposed = path in embeddings or _stored_transposed(path, a, b, base.shape, files, source)
+        # QA-LoRA: (out, in / g), one value per group of the mins.
+        delta = delta_in_weight_layout(a, b, config.scaling_for(path), transposed)
+        if tuple(delta.shape) != tuple(base.shape):
+            raise AdapterFileError(f"{source}: the update for {path} has shape {tuple(delta.shape)}, "
+                                   f"the base weight {tuple(base.shape)}")
         new = (base.to(delta.dtype) + delta).to(base.dtype)
         if check_finite and not torch.isfinite(new).all():
             raise MergeError(f"merging into {base_key} gives NaN/Inf weights; nothing was returned")
@@ -114,22 +129,20 @@ def merge_adapter_into_state_dict(
     return merged
 
 
-def _delta_for_state_dict(
-    config: LoraConfig, path: str, a: torch.Tensor, b: torch.Tensor, transpose: bool, base_shape: torch.Size,
-    source: str,
-) -> torch.Tensor:
-    r = config.rank_for(path)
-    if a.shape[0] != r or b.shape[1] != r:
-        raise AdapterFileError(f"{source}: {path} has rank {a.shape[0]} in the file but r={r} in its config")
-    delta = lora_delta(a, b, config.scaling_for(path))  # (out, in * k...); QA-LoRA: (out, in / g), per group
-    if a.dim() > 2:  # convolution: (out, in * k...) -> (out, in, k...)
-        delta = delta.view(b.shape[0], *a.shape[1:])
-    elif transpose:
-        delta = delta.T
-    if tuple(delta.shape) != tuple(base_shape):
-        raise AdapterFileError(f"{source}: the update for {path} has shape {tuple(delta.shape)}, "
-                               f"the base weight {tuple(base_shape)}")
-    return delta
+def _stored_transposed(path: str, a: torch.Tensor, b: torch.Tensor, base_shape: torch.Size, files,
+                       source: str) -> bool:
+    """Whether ``path``'s weight is stored (in, out), the transpose of B @ A (GPT-2's Conv1D)."""
+    if files.fan_in_fan_out_modules is not None:  # lorakit's file names them
+        return path in files.fan_in_fan_out_modules
+    if not files.config.fan_in_fan_out or a.dim() > 2:
+        return False
+    out_in, in_out = (b.shape[0], a.shape[1]), (a.shape[1], b.shape[0])
+    if out_in == in_out:
+        raise AdapterFileError(
+            f"{source}: says fan_in_fan_out for the whole adapter (as PEFT writes it), and {path} is square, so its "
+            "state dict cannot tell whether it is stored transposed (a GPT-2 Conv1D) or not (a Linear); merge on "
+            "the model instead (lorakit.merge_and_unload, or lorakit merge)")
+    return tuple(base_shape) == in_out
 
 
 def _check_base_key(state_dict: Mapping[str, torch.Tensor], key: str, shape: torch.Size, source: str) -> None:

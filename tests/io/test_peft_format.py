@@ -42,7 +42,8 @@ def test_file_layout_is_peft_s(tmp_path):
     assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
     with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
         metadata = f.metadata()
-        assert metadata.pop("format") == "pt" and set(metadata) == {"lorakit.config_digest"}  # PEFT reads "format"
+        assert metadata.pop("format") == "pt"  # all PEFT reads
+        assert set(metadata) == {"lorakit.config_digest", "lorakit.fan_in_fan_out_modules"}
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
     p = "base_model.model.model."
     assert shapes[p + "layers.0.self_attn.q_proj.lora_A.weight"] == (4, 32)

@@ -48,3 +48,16 @@ def test_bad_recipes_are_one_clear_error(tmp_path, yaml_text, problem):
 def test_a_missing_recipe_is_named(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         from_sources(tmp_path / "none.yaml", None)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("field", ["alpha", "dropout", "lr", "weight_decay", "min_lr_ratio", "max_grad_norm"])
+def test_every_float_setting_is_finite_or_a_one_line_error(field, value, tmp_path):
+    """NaN slips past `value < 0` (comparisons with NaN are false): a NaN max_grad_norm turned clipping
+    off, a NaN weight_decay wrote NaN adapters. Each is refused by name, from YAML or in code."""
+    with pytest.raises(ConfigError, match=f"{field} must be"):
+        TrainConfig(**{field: value})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"{field}: .nan\n" if value != value else f"{field}: .inf\n")
+    with pytest.raises(ConfigError, match=f"{field} must be"):
+        from_sources(recipe, None)

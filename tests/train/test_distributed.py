@@ -21,9 +21,10 @@ from tests.conftest import write_orders_recipe
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory, tiny_base_dir):
-    # A global batch of 4 rows (2 per process), accumulated twice: 8 examples a step.
+    # A global batch of 4 rows (2 per process), accumulated twice: 8 examples a step; dropout on, whose
+    # masks follow each row's place in the global batch, not the process that draws them.
     return write_orders_recipe(tmp_path_factory.mktemp("ddp"), tiny_base_dir, "recipe.yaml", grad_accum=2,
-                               save_every=1, threads=1)
+                               save_every=1, threads=1, dropout=0.1)
 
 
 def _torchrun(recipe, output, *extra) -> subprocess.Popen:
@@ -48,11 +49,12 @@ def ddp_run(recipe, tmp_path_factory):
 
 
 # 1 process, DDP and FSDP do the same arithmetic in a different float32 summation order: rows'
-# gradient contributions are summed per process and then across processes, the shared-prefix pass
-# runs on each process's rows (and not at all under FSDP), the gradient norm adds partial sums per
-# shard. Each rounding moves a result by at most 2**-24 (6e-8) of its size; the run's four AdamW steps
-# carry some tens of them into the adapter (measured: 1e-6 of each tensor's norm). So losses and
-# adapter tensors are compared relative to their size, at 1e-5 (~170 roundings): a bound on summation
+# gradient contributions are summed per process and then across processes, and the gradient norm
+# adds partial sums per shard (without dropout, the shared-prefix pass also runs on each process's
+# rows, and not at all under FSDP). Dropout masks are the same in every layout (keyed by row). Each
+# rounding moves a result by at most 2**-24 (6e-8) of its size; the run's four AdamW steps carry some
+# tens of them into the adapter (measured: up to 1e-6 of each tensor's norm). So losses and adapter
+# tensors are compared relative to their size, at 1e-5 (~170 roundings): a bound on summation
 # order that does not depend on the CPU's kernels, where an absolute bound on the logits did.
 LAYOUT_TOLERANCE = 1e-5
 
@@ -96,11 +98,11 @@ def test_a_sharded_run_saves_a_whole_adapter_that_acts_as_the_replicated_ones(re
 
     tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     model, _ = load_base(str(tiny_base_dir), torch.float32, None)
-    bare = model(input_ids=tokens).logits
+    bare = model.eval()(input_ids=tokens).logits
     logits = {}
     for name, directory in (("ddp", ddp_run), ("fsdp", tmp_path / "fsdp")):  # each in this one process
         model, _ = load_base(str(tiny_base_dir), torch.float32, None)
-        logits[name] = load_adapter(model, directory)(input_ids=tokens).logits
+        logits[name] = load_adapter(model, directory).eval()(input_ids=tokens).logits  # no dropout
     effect = (logits["ddp"] - bare).norm()
     assert effect > 1e-3 * bare.norm()  # the adapter is in effect
     # Adapters that differ by a fraction `spread` of their size move the logits the adapter adds by

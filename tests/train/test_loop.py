@@ -93,3 +93,49 @@ def test_gradient_checkpointing_keeps_the_losses(tiny_base_dir, data_dir, tmp_pa
     checkpointed = train(_config(tiny_base_dir, data_dir, tmp_path / "gc", max_steps=3, dropout=0.0,
                                  gradient_checkpointing=True))
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tiny_base_dir, data_dir, tmp_path):
+    plain = train(_config(tiny_base_dir, data_dir, tmp_path / "plain", max_steps=3, dropout=0.3))
+    checkpointed = train(_config(tiny_base_dir, data_dir, tmp_path / "gc", max_steps=3, dropout=0.3,
+                                 gradient_checkpointing=True))
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_a_diverging_run_stops_at_the_step_that_went_non_finite_and_keeps_its_checkpoint(tiny_base_dir, data_dir,
+                                                                                         tmp_path):
+    from lorakit.train.loop import TrainingDiverged
+
+    config = _config(tiny_base_dir, data_dir, tmp_path, lr=1e30, warmup_steps=0, save_every=1, eval_every=0)
+    with pytest.raises(TrainingDiverged, match=r"step (\d+): the loss is .* checkpoint, step \d+, is as it was") as err:
+        train(config)
+    step = int(err.value.args[0].split(":")[0].removeprefix("step "))
+    saved = latest_checkpoint(tmp_path)
+    assert saved.step == step - 1  # the last good step, written before the bad one, untouched
+    tensors = load_file(saved.directory / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert not (tmp_path / "adapter_model.safetensors").exists()  # no NaN adapter saved as a success
+
+
+def test_resume_drops_a_torn_last_line_of_the_metrics_and_says_so(tiny_base_dir, data_dir, tmp_path, capsys):
+    whole = train(_config(tiny_base_dir, data_dir, tmp_path / "whole"))
+    train(_config(tiny_base_dir, data_dir, tmp_path / "split", save_every=1), stop_after=3)
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 4, "loss": 2.71')  # the process was killed mid-write
+    resumed = train(_config(tiny_base_dir, data_dir, tmp_path / "split", save_every=1), resume=True)
+    assert "dropped its last line" in capsys.readouterr().err
+    assert _metrics(tmp_path / "split") == _metrics(tmp_path / "whole")
+    assert resumed.losses == whole.losses[3:]
+
+
+def test_save_adapter_refuses_non_finite_weights(tmp_path):
+    import lorakit
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(target_modules=["q_proj"]))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora["default"].lora_B[0, 0] = float("nan")
+    with pytest.raises(lorakit.AdapterFileError, match="NaN or infinite"):
+        lorakit.save_adapter(model, tmp_path)
+    assert not list(tmp_path.iterdir())

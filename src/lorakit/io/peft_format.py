@@ -53,6 +53,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 NEXT_CONFIG_NAME = ".adapter_config.json.next"  # a save's new config, until its weights are in place
 CONFIG_DIGEST = "lorakit.config_digest"  # weights metadata: the hash of the settings they were saved with
+TRANSPOSED_MODULES = "lorakit.fan_in_fan_out_modules"  # weights metadata: JSON list of module paths
 # The adapter_config.json keys that change what the tensors compute, bound to the weights by hash.
 BOUND_SETTINGS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
                   "exclude_modules", "fan_in_fan_out", "bias", "modules_to_save", "use_dora", "use_qalora",
@@ -159,7 +160,10 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     atomic_write_text(directory / NEXT_CONFIG_NAME, config_text)  # 1. the new config, beside the old
     try:
         with atomic_path(directory / WEIGHTS_NAME) as tmp:  # 2. the new weights, naming their config
-            save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_DIGEST: _settings_digest(file_config)})
+            transposed = sorted(path for path, layer in layers if layer.fan_in_fan_out)
+            metadata = {"format": "pt", CONFIG_DIGEST: _settings_digest(file_config),
+                        TRANSPOSED_MODULES: json.dumps(transposed)}
+            save_file(tensors, str(tmp), metadata=metadata)
     except BaseException:  # the old pair stands; the new config has nothing to wait for
         (directory / NEXT_CONFIG_NAME).unlink(missing_ok=True)
         raise
@@ -227,6 +231,9 @@ class AdapterFiles(NamedTuple):
 
     config: LoraConfig
     tensors: dict[str, torch.Tensor]  # file key -> float tensor on the CPU
+    # The modules whose weight is stored (in, out), the transpose of B @ A (GPT-2's Conv1D), as the
+    # saving model had them; None when the file does not say (PEFT's files: one flag for all).
+    fan_in_fan_out_modules: frozenset[str] | None = None
 
 
 def read_adapter_config(directory: str | Path) -> LoraConfig:
@@ -315,11 +322,17 @@ def read_adapter(directory: str | Path, max_bytes: int | None = None) -> Adapter
         tensors = dict(sorted(load_safetensors(raw).items()))  # in key order, whatever the file's layout
     except (SafetensorError, OSError) as err:
         raise _unreadable(weights, err) from None
-    config = _config_for(path, _recorded_digest(_metadata_of(raw)))
+    metadata = _metadata_of(raw)
+    config = _config_for(path, _recorded_digest(metadata))
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise AdapterFileError(f"{weights}: {key} has dtype {tensor.dtype}; adapter tensors are floating point")
-    return AdapterFiles(config, tensors)
+    transposed = metadata.get(TRANSPOSED_MODULES)
+    try:
+        transposed = frozenset(json.loads(transposed)) if transposed is not None else None
+    except (ValueError, TypeError):
+        raise AdapterFileError(f"{weights}: its {TRANSPOSED_MODULES} metadata is not a JSON list") from None
+    return AdapterFiles(config, tensors, transposed)
 
 
 def read_adapter_header(directory: str | Path) -> tuple[LoraConfig, dict[str, tuple[tuple[int, ...], str]], int]:
@@ -345,7 +358,7 @@ def load_adapter(
     ``model`` may be a bare base model or already hold other adapters. Everything is checked
     before the model changes; on any error it is left exactly as it was.
     """
-    config, tensors = source if isinstance(source, AdapterFiles) else read_adapter(source)
+    config, tensors, _ = source if isinstance(source, AdapterFiles) else read_adapter(source)
     where = "the adapter" if isinstance(source, AdapterFiles) else str(_weights_path(source))
     plan = plan_injection(model, config, name, activate)
     _check_qalora_fits(config, plan, where)

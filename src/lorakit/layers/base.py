@@ -7,7 +7,8 @@ in model code still hold. Adapters live beside the weight in ``layer.lora[<adapt
 A family (linear, conv, embedding) supplies four things:
 - ``adapter_shapes(module, r)``: shapes of A and B for a base module of that family;
 - ``_adapter_output(result, x, adapter)``: ``result + s * B(A(dropout(x)))``, never forming B @ A;
-- ``_delta_weight(adapter)``: ``s * B @ A`` in float32, laid out like ``self.weight``, for merging;
+- ``weight_is_transposed``: whether its weight is laid out as the transpose of B @ A, which is all
+  merging needs to know (``delta_in_weight_layout``);
 - ``plain_module()``: the base module type again, sharing the same Parameters.
 """
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig, lora_scaling
 from lorakit.errors import MergeError
+from lorakit.layers.dropout import RowKeyedDropout
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class LoraAdapter(nn.Module):
         super().__init__()
         self.lora_A = nn.Parameter(torch.zeros(a_shape, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = RowKeyedDropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
         self.config = config  # the LoraConfig it came from: save_adapter writes it back out
 
@@ -99,6 +101,9 @@ class LoraLayer:
     is_linear = False
     # Whether the weight is stored (in, out), the transpose of B @ A (PEFT's name for it).
     fan_in_fan_out = False
+    # Whether the weight is laid out as the transpose of B @ A: GPT-2's Conv1D (fan_in_fan_out) and
+    # embeddings ((vocab, dim), where B @ A is (dim, vocab)).
+    weight_is_transposed = False
 
     lora: nn.ModuleDict
     active_adapters: tuple[str, ...]
@@ -135,7 +140,8 @@ class LoraLayer:
         raise NotImplementedError
 
     def _delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
-        raise NotImplementedError
+        """s * B @ A in float32, laid out like ``self.weight``."""
+        return delta_in_weight_layout(adapter.lora_A, adapter.lora_B, adapter.scaling, self.weight_is_transposed)
 
     def plain_module(self) -> nn.Module:
         raise NotImplementedError
@@ -221,31 +227,57 @@ class LoraLayer:
         return None
 
     # --- merge -----------------------------------------------------------------------------
-    # W and the update are added in float32 (float64 for float64 weights) and rounded once to the
-    # weight's dtype, so a bf16 merge loses only that final rounding.
+    # The merged weight is W + the sum of the merged adapters' updates, added in float32 (float64
+    # for float64 weights) and rounded once to the weight's dtype, however many adapters and merge
+    # calls. A bf16/fp16 weight keeps its unmerged self beside it while merged (one copy of the
+    # merged layers' weights): rounding to 8 bits of mantissa is not invertible, so subtracting the
+    # update again would not give the original back, and every merge/unmerge cycle (each
+    # ``disable_adapters`` block on a merged model) would drift. Unmerging puts that copy back, bit
+    # for bit. A float32 weight keeps no copy; its unmerge subtracts, within a float32 rounding.
 
     def _merge_dtype(self) -> torch.dtype:
         return torch.promote_types(self.weight.dtype, torch.float32)
 
+    def _keeps_unmerged_weight(self) -> bool:
+        return self.weight.dtype in (torch.float16, torch.bfloat16)
+
+    def _merged_weight(self, names: list[str]) -> torch.Tensor:
+        """The weight with ``names`` merged on top of what is merged now, from the unmerged weight
+        when one is kept: one rounding in all."""
+        kept = getattr(self, "lora_unmerged_weight", None)
+        base, names = (kept, self.merged_adapters + names) if kept is not None else (self.weight, names)
+        total = None
+        for name in names:
+            delta = self._delta_weight(self.lora[name]).to(self._merge_dtype())
+            total = delta if total is None else total + delta
+        return base.to(self._merge_dtype()) if total is None else (base.to(self._merge_dtype()) + total)
+
     @torch.no_grad()
     def merged_weight_is_finite(self, names: Iterable[str] | None = None) -> bool:
         """Whether merging ``names`` (default: the active adapters) would give a finite weight."""
-        weight = self.weight.to(self._merge_dtype())
-        for name in self._to_merge(names):
-            weight = weight + self._delta_weight(self.lora[name]).to(weight.dtype)
-        return bool(torch.isfinite(weight.to(self.weight.dtype)).all())
+        return bool(torch.isfinite(self._merged_weight(self._to_merge(names)).to(self.weight.dtype)).all())
 
     @torch.no_grad()
     def merge(self, names: Iterable[str] | None = None) -> None:
         """Add the active adapters (or ``names``) into the weight; already merged ones are skipped."""
-        for name in self._to_merge(names):
-            delta = self._delta_weight(self.lora[name]).to(self._merge_dtype())
-            self.weight.copy_(self.weight.to(delta.dtype) + delta)
-            self.merged_adapters.append(name)
+        names = self._to_merge(names)
+        if not names:
+            return
+        if not self.merged_adapters and self._keeps_unmerged_weight():
+            # A non-persistent buffer: it follows .to(), and state_dict() never holds it.
+            self.register_buffer("lora_unmerged_weight", self.weight.detach().clone(), persistent=False)
+        self.weight.copy_(self._merged_weight(names))
+        self.merged_adapters += names
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract every merged adapter again, last merged first."""
+        """Take every merged adapter out again: the kept unmerged weight back, bit for bit, or (float32)
+        the updates subtracted, last merged first."""
+        kept = getattr(self, "lora_unmerged_weight", None)
+        if kept is not None:
+            self.weight.copy_(kept)
+            del self._buffers["lora_unmerged_weight"]
+            self.merged_adapters.clear()
         while self.merged_adapters:
             delta = self._delta_weight(self.lora[self.merged_adapters.pop()]).to(self._merge_dtype())
             self.weight.copy_(self.weight.to(delta.dtype) - delta)
@@ -264,6 +296,17 @@ def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> to
     """
     dtype = torch.promote_types(lora_A.dtype, torch.float32)
     return (lora_B.to(dtype).flatten(1) @ lora_A.to(dtype).flatten(1)) * scaling
+
+
+def delta_in_weight_layout(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                           transposed: bool) -> torch.Tensor:
+    """The update laid out as the weight it merges into: (out, in, k...) for a convolution (A has
+    kernel dimensions), (in, out) for a weight stored transposed, else (out, in). The one rule for
+    layout, used by the model merge (each layer) and the state-dict merge (each file entry) alike."""
+    delta = lora_delta(lora_A, lora_B, scaling)
+    if lora_A.dim() > 2:
+        return delta.view(lora_B.shape[0], *lora_A.shape[1:])
+    return delta.T if transposed else delta
 
 
 def share_base_parameters(source: nn.Module, target: nn.Module) -> nn.Module:

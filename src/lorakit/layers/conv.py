@@ -15,7 +15,6 @@ from lorakit.config import LoraConfig
 from lorakit.layers.base import (
     LoraAdapter,
     LoraLayer,
-    lora_delta,
     share_base_parameters,
 )
 
@@ -73,9 +72,6 @@ class _ConvLora(LoraLayer):
         # The base layer's own _conv_forward applies its stride, padding (mode), and dilation to A.
         h = self._conv_forward(adapter.dropout(x), a, None) * adapter.scaling  # (N, r, L...)
         return result + self._pointwise(h, b)  # (N, out, L...)
-
-    def _delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
-        return lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling).view(self.weight.shape)  # (out, in, k...)
 
     def plain_module(self) -> nn.Module:
         with torch.device("meta"):

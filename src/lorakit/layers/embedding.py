@@ -14,7 +14,6 @@ from lorakit.config import LoraConfig
 from lorakit.layers.base import (
     LoraAdapter,
     LoraLayer,
-    lora_delta,
     share_base_parameters,
 )
 
@@ -23,6 +22,7 @@ class Embedding(LoraLayer, nn.Embedding):
     """nn.Embedding with LoRA adapters; a drop-in like ``lorakit.Embedding(vocab, dim, r=8)``."""
 
     uses_dropout = False
+    weight_is_transposed = True  # (vocab, dim), where B @ A is (dim, vocab)
 
     def __init__(
         self,
@@ -72,9 +72,6 @@ class Embedding(LoraLayer, nn.Embedding):
         b = adapter.lora_B.to(result.dtype)  # (dim, r)
         h = F.embedding(ids, a.T, self.padding_idx) * adapter.scaling  # (..., r): rows of A^T
         return result + F.linear(h, b)  # (..., dim)
-
-    def _delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
-        return lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling).T  # (vocab, dim)
 
     def plain_module(self) -> nn.Embedding:
         with torch.device("meta"):

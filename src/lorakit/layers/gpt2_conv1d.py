@@ -13,7 +13,6 @@ from lorakit.layers.base import (
     LoraAdapter,
     LoraLayer,
     RowPlan,
-    lora_delta,
     share_base_parameters,
 )
 from lorakit.layers.linear import linear_adapter_output, stacked_rows_output
@@ -24,6 +23,7 @@ class Conv1D(LoraLayer, HFConv1D):
 
     is_linear = True
     fan_in_fan_out = True
+    weight_is_transposed = True  # (in, out)
 
     def __init__(self, nf: int, nx: int) -> None:
         HFConv1D.__init__(self, nf, nx)
@@ -47,9 +47,6 @@ class Conv1D(LoraLayer, HFConv1D):
 
     def _stacked_rows_output(self, result: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
         return stacked_rows_output(self, result, x, plan)
-
-    def _delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
-        return lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling).T  # (in, out), as Conv1D stores it
 
     def plain_module(self) -> HFConv1D:
         with torch.device("meta"):

@@ -13,7 +13,6 @@ from lorakit.layers.base import (
     LoraAdapter,
     LoraLayer,
     RowPlan,
-    lora_delta,
     share_base_parameters,
 )
 
@@ -155,9 +154,6 @@ class Linear(LoraLayer, nn.Linear):
 
     def _stacked_rows_output(self, result: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
         return stacked_rows_output(self, result, x, plan)
-
-    def _delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
-        return lora_delta(adapter.lora_A, adapter.lora_B, adapter.scaling)  # (out, in)
 
     def plain_module(self) -> nn.Linear:
         plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")

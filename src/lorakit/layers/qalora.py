@@ -93,7 +93,12 @@ class QALoraLinear(LoraLayer, QuantLinear):
         self.merged_adapters.clear()
 
     def _shifted_mins(self, names: list[str]) -> torch.Tensor:
-        mins = self.mins.float()
+        """The mins with ``names`` merged on top of what is merged now, from the unmerged mins: one
+        rounding in all, however many merge calls."""
+        if self._unmerged_mins is not None:
+            mins, names = self._unmerged_mins.float(), self.merged_adapters + names
+        else:
+            mins = self.mins.float()
         for name in names:
             mins = mins + self._group_delta(self.lora[name])
         return mins.to(self.mins.dtype)

@@ -155,7 +155,7 @@ class AdapterRegistry:
     def _read_checked(self, directory: Path) -> tuple[AdapterFiles, int, int]:
         """(the adapter's files as read, its rank, its bytes in memory), or AdapterFileError."""
         files = read_adapter(directory, max_bytes=self._max_file_bytes)
-        config, tensors = files
+        config, tensors = files.config, files.tensors
         if config.modules_to_save or config.bias != "none":
             raise AdapterFileError(f"{directory}: trains {'whole modules' if config.modules_to_save else 'biases'}, "
                                    "which would change the base model for every tenant; serving takes LoRA matrices only")

@@ -105,7 +105,7 @@ def latest_checkpoint(output: Path) -> Checkpoint | None:
 
 def restore(checkpoint: Checkpoint, slots: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
     """Put the adapter weights, optimizer state and RNG states of ``checkpoint`` back in place."""
-    _, tensors = read_adapter(checkpoint.directory)
+    tensors = read_adapter(checkpoint.directory).tensors
     try:
         saved = load_file(str(checkpoint.directory / OPTIMIZER_FILE))
     except (SafetensorError, OSError) as err:

@@ -24,10 +24,11 @@ from lorakit.adapters import mark_only_lora_as_trainable
 from lorakit.config import LoraConfig
 from lorakit.data.batches import Batch, collate, epoch_batches
 from lorakit.data.tokenize import padding_id, tokenize_file
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.inject import inject
 from lorakit.io.base_model import load_base
 from lorakit.io.peft_format import adapter_slots, save_adapter
+from lorakit.layers.dropout import assign_layer_keys, row_key, set_row_keys
 from lorakit.train import distributed
 from lorakit.train.checkpoint import (
     CHECKPOINTS,
@@ -94,6 +95,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
     lora = LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=config.lora_targets(),
                       base_model_name_or_path=str(model.name_or_path), task_type="CAUSAL_LM")
     model = inject(model, lora, name=ADAPTER_NAME)
+    dropouts = assign_layer_keys(model)  # named before any wrapping, so every process names them alike
     mark_only_lora_as_trainable(model)
     model.config.use_cache = False
     if config.gradient_checkpointing:
@@ -113,20 +115,26 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
         output.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(output, resume_step=start if checkpoint else None) if world.is_main else None
     end = min(total_steps, stop_after) if stop_after is not None else total_steps
+    last_saved = start if checkpoint is not None else None  # the step of the newest checkpoint
 
     @functools.lru_cache(maxsize=1)
     def epoch_order(epoch: int) -> list[list[int]]:
         return epoch_batches(lengths, config.batch_size, config.seed, epoch)
 
-    def batch_at(index: int) -> tuple[int, Batch, float]:
+    def batch_at(index: int) -> tuple[int, Batch, float, torch.Tensor]:
         """(target tokens of the index-th micro-batch of the run, this process's share of its rows,
-        the weight of their loss): a pure function of (seed, index). A process left without rows (a
-        short last batch) runs the first row with weight 0, so that it still takes part."""
+        the weight of their loss, their dropout keys): a pure function of (seed, index). A process
+        left without rows (a short last batch) runs the first row with weight 0, so that it still
+        takes part. A row's dropout key follows from its place in the global batch, so its masks
+        are the same on any number of processes."""
         epoch, position = divmod(index, per_epoch)
         rows = epoch_order(epoch)[position]
-        mine = world.rows(rows)
+        places = world.rows(list(range(len(rows))))
+        mine = [rows[i] for i in places]
         target_tokens = collate([train_set[i] for i in rows], pad_id).loss_tokens
-        return target_tokens, collate([train_set[i] for i in mine or rows[:1]], pad_id).to(device), float(bool(mine))
+        keys = torch.tensor([row_key(config.seed, index, i) for i in places or [0]], dtype=torch.int64, device=device)
+        return (target_tokens, collate([train_set[i] for i in mine or rows[:1]], pad_id).to(device),
+                float(bool(mine)), keys)
 
     if config.progress and world.is_main:
         print(_summary(model, len(train_set), total_steps, config, device, world.size), file=sys.stderr)
@@ -140,22 +148,28 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [batch_at(step * config.grad_accum + k) for k in range(config.grad_accum)]
-        target_tokens = sum(tokens for tokens, _, _ in micro)
+        target_tokens = sum(tokens for tokens, _, _, _ in micro)
         step_loss = 0.0
-        for k, (_, batch, weight) in enumerate(micro):
+        for k, (_, batch, weight, keys) in enumerate(micro):
+            set_row_keys(dropouts, keys)  # kept through backward: checkpointed layers recompute their masks
             loss = loss_of(batch, k == config.grad_accum - 1) * weight / max(target_tokens, 1)
             loss.backward()
             step_loss += loss.item() / world.size  # loss_of scales by the number of processes
+        set_row_keys(dropouts, None)
+        mine = sum(int(b.attention_mask.sum()) * weight for _, b, weight, _ in micro)
+        step_loss, tokens = world.sum(step_loss, mine)
         grad_norm = _clip(slots.values(), config.max_grad_norm)
+        done = step + 1
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # the same verdict on every process
+            raise TrainingDiverged(f"step {done}: the loss is {step_loss:g} and the gradient norm {grad_norm:g}, so "
+                                   f"training stopped before applying it ({_last_good(last_saved)}); start again "
+                                   "with a lower --lr or --max-grad-norm, check the data, or use a float32 base")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         seconds = time.perf_counter() - started
-        mine = sum(int(b.attention_mask.sum()) * weight for _, b, weight in micro)
-        step_loss, tokens = world.sum(step_loss, mine)
         tokens = int(tokens)
         losses.append(step_loss)
-        done = step + 1
         if world.is_main:
             metrics.write({"step": done, "epoch": round(done * config.grad_accum / per_epoch, 4), "loss": step_loss,
                            "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "target_tokens": target_tokens,
@@ -171,6 +185,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
             if world.is_main:
                 metrics.sync()  # the metrics a resume from this checkpoint keeps are on disk first
                 save_checkpoint(output, model, state, done, config.to_dict())
+            last_saved = done
         if bar is not None:
             bar.set_postfix_str(_postfix(losses, val_loss, tokens / seconds), refresh=False)
             bar.update(1)
@@ -183,6 +198,14 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
             save_adapter(model, output, ADAPTER_NAME, tensors=adapter)
         plot_losses(output / METRICS_FILE, output / PLOT_FILE)
     return TrainResult(output, end, total_steps, losses, val_loss)
+
+
+class TrainingDiverged(LorakitError):
+    """The loss or the gradients became NaN or infinite; nothing of that step was applied or saved."""
+
+
+def _last_good(step: int | None) -> str:
+    return "no checkpoint was written yet" if step is None else f"the last checkpoint, step {step}, is as it was"
 
 
 def _enable_activation_checkpointing(model: nn.Module) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 
 from lorakit.data.batches import Batch, collate, sequential_batches
 from lorakit.data.tokenize import IGNORE, TokenizedExample
+from lorakit.layers.dropout import RowKeyedDropout
 
 # Config fields of models whose logits are more than head(hidden): those take the full path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -67,7 +68,7 @@ def _prefix_sharing_is_exact(model: nn.Module) -> bool:
         "is_gradient_checkpointing"
     if getattr(model, flag, False):
         return False
-    return not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()) and not any(
+    return not any(isinstance(m, nn.Dropout | RowKeyedDropout) and m.p > 0 for m in model.modules()) and not any(
         getattr(getattr(model, "config", None), name, 0) for name in ("attention_dropout", "attn_pdrop"))
 
 
