@@ -8,7 +8,14 @@ from torch import nn
 import lorakit
 from lorakit.layers import LoraLayer, ModulesToSave
 from lorakit.walk import lora_layers
-from tests.conftest import CASES, MLP, as_peft_writes_it, injected, randomize_adapters, tiny_gpt2
+from tests.conftest import (
+    CASES,
+    MLP,
+    as_peft_writes_it,
+    injected,
+    randomize_adapters,
+    tiny_gpt2,
+)
 
 CASE = {case.name: case for case in CASES}
 

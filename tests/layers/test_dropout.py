@@ -3,7 +3,12 @@ not on the batch around it or on who draws it."""
 
 import torch
 
-from lorakit.layers.dropout import RowKeyedDropout, assign_layer_keys, row_key, set_row_keys
+from lorakit.layers.dropout import (
+    RowKeyedDropout,
+    assign_layer_keys,
+    row_key,
+    set_row_keys,
+)
 
 
 def _dropout(p=0.25, layer_key=7):

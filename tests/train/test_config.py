@@ -1,6 +1,7 @@
 """TrainConfig: YAML recipes, flag overrides, and clear errors for bad settings."""
 
 import argparse
+import math
 
 import pytest
 
@@ -58,6 +59,6 @@ def test_every_float_setting_is_finite_or_a_one_line_error(field, value, tmp_pat
     with pytest.raises(ConfigError, match=f"{field} must be"):
         TrainConfig(**{field: value})
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"{field}: .nan\n" if value != value else f"{field}: .inf\n")
+    recipe.write_text(f"{field}: .nan\n" if math.isnan(value) else f"{field}: .inf\n")
     with pytest.raises(ConfigError, match=f"{field} must be"):
         from_sources(recipe, None)
