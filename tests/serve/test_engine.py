@@ -170,3 +170,25 @@ def test_a_row_that_goes_wrong_fails_its_own_request_and_the_batch_goes_on(serve
     for i in (0, 1, 4, 5):
         assert requests[i].finish_reason in ("stop", "length") and requests[i].ids == alone[i]
     assert engine.busy == 0  # the failed rows left the batch
+
+
+def test_requests_joining_and_leaving_at_random_steps_each_get_their_greedy_tokens(served):
+    """Churn: 40 requests of 2 to 9 tokens on random adapters (and the base model) join a batch of 5
+    between random steps, so rows are selected, padded, trimmed and extended in every order while
+    the cache grows in place."""
+    import random
+
+    model, tokenizer = served
+    prompts = _prompts(tokenizer, 8)
+    rng = random.Random(0)
+    jobs = [(rng.choice(prompts), rng.choice([*ADAPTERS, None]), rng.randint(2, 9)) for _ in range(40)]
+    engine = Engine(model, tokenizer, max_batch=5)
+    requests, waiting = [], list(jobs)
+    while waiting or any(r.finish_reason is None for r in requests):
+        for _ in range(rng.randint(0, 3)):
+            if waiting:
+                prompt, adapter, n = waiting.pop(0)
+                requests.append(engine.submit(Request(adapter, prompt, SamplingParams(max_tokens=n, temperature=0))))
+        engine.step()
+    for (prompt, adapter, n), request in zip(jobs, requests, strict=True):
+        assert request.ids == _alone(model, prompt, adapter, n), (adapter, n)

@@ -265,9 +265,11 @@ class Engine:
         """Each row's next token, sent on to its request; (B,) on CPU. A row whose logits are not
         finite, or whose sampling fails, fails its own request (its row leaves at the regroup)."""
         logits = logits.float().cpu()  # one transfer; sampling runs on CPU with each request's generator
-        finite = torch.isfinite(logits).all(dim=1)  # (B,)
+        # A row's largest logit is NaN if any of its logits is, +inf if one is: one reduction, where
+        # isfinite over (B, V) cost 2 ms a step. -inf logits (a masked token) are legitimate.
+        sound = torch.isfinite(logits.max(dim=1).values)  # (B,)
         chosen = []
-        for request, row, ok in zip(requests, logits, finite.tolist(), strict=True):
+        for request, row, ok in zip(requests, logits, sound.tolist(), strict=True):
             try:
                 if not ok:
                     raise RowError("the model produced NaN or infinite logits for this request")
