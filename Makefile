@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/train_step.py
 	$(PY) bench/train_processes.py
 	$(PY) bench/serve.py
+	$(PY) bench/serve_http.py
 	$(PY) bench/qalora.py
 
 # Re-resolve every dependency from pyproject.toml in a scratch venv and pin what it installed.

@@ -38,8 +38,8 @@ PROMPT = "Order: two large pepperoni pizzas and a cola, to 5 Oak Road."
 def _model(variant: str, device: torch.device):
     """SmolLM2 with a fresh r=16 adapter on every linear layer: QA-LoRA on the 4-bit base, or LoRA on float32."""
     import lorakit
-    from lorakit.io.base_model import load_base
-    from lorakit.quant.model import QuantSpec
+    from lorakit.models.base import load_base
+    from lorakit.models.quantized import QuantSpec
 
     torch.manual_seed(0)
     model, tokenizer = load_base(quant=QuantSpec(4, 32) if variant == "qalora" else None)
@@ -90,9 +90,9 @@ def _sync(device: torch.device) -> None:
 
 def linear_memory() -> list[list[str]]:
     """Bytes of the quantized linear weights per spec, against float32 (the output head excluded)."""
-    from lorakit.io.base_model import load_base
+    from lorakit.models.base import load_base
+    from lorakit.models.quantized import QuantSpec
     from lorakit.quant.linear import QuantLinear
-    from lorakit.quant.model import QuantSpec
 
     rows = []
     for bits, group in ((4, 32), (4, 64), (3, 32), (2, 32), (8, 32)):
@@ -109,7 +109,7 @@ def linear_memory() -> list[list[str]]:
 def decode_speeds(device: torch.device, runs: int, new_tokens: int = 32) -> dict[str, float]:
     """Greedy tokens/s, batch 1, best of ``runs``, for the three inference variants, interleaved."""
     import lorakit
-    from lorakit.generate import chat_prompt
+    from lorakit.generation.prompts import chat_prompt
 
     qalora, tokenizer = _model("qalora", device)
     lora, _ = _model("lora", device)

@@ -35,8 +35,8 @@ ADAPTERS = 16
 def make_adapters(directory: Path, base: str, rank: int) -> list[Path]:
     """16 random adapters of rank ``rank`` on all linear layers, saved in PEFT's format."""
     import lorakit
-    from lorakit.io.base_model import load_base
-    from lorakit.walk import lora_layers
+    from lorakit.core.walk import lora_layers
+    from lorakit.models.base import load_base
 
     model, _ = load_base(base)
     paths = []
@@ -81,7 +81,7 @@ def main() -> None:
 
     from peft import PeftModel
 
-    from lorakit.io.base_model import load_base
+    from lorakit.models.base import load_base
     from lorakit.serve.engine import Engine
     from lorakit.serve.registry import AdapterRegistry
     from lorakit.serve.sampling import SamplingParams

@@ -135,7 +135,7 @@ def main() -> None:
 
     from bench.serve import make_adapters
     from lorakit.data.records import read_records
-    from lorakit.io.base_model import load_base
+    from lorakit.models.base import load_base
     from lorakit.serve.app import create_app, start_service
     from lorakit.serve.server import make_server, serving_in_background
 

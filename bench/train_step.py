@@ -37,7 +37,7 @@ DATA = ROOT / "data" / "orders" / "train.jsonl"
 def worker(library: str, args: argparse.Namespace) -> dict:
     from lorakit.data.batches import collate, epoch_batches
     from lorakit.data.tokenize import tokenize_file
-    from lorakit.io.base_model import load_base
+    from lorakit.models.base import load_base
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ def main() -> None:
     lorakit.mark_only_lora_as_trainable(model, bias="none")
     trainable = sum(p.numel() for p in lorakit.lora_parameters(model))
     total = sum(p.numel() for p in model.parameters())
-    print(f"adapted {len(list(lorakit.walk.lora_layers(model)))} linear layers: "
+    print(f"adapted {len(list(lorakit.core.walk.lora_layers(model)))} linear layers: "
           f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     # The task: memorise one 32-token sequence. The frozen random base cannot; the adapter learns it.

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.data import orders
-from lorakit.walk import lora_layers
+from lorakit.core.walk import lora_layers
+from tasks import orders
 
 
 class MLP(nn.Module):
@@ -139,7 +139,7 @@ def smol_tokenizer():
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(directory)
-    from lorakit.io.base_model import load_base
+    from lorakit.models.base import load_base
 
     return load_base()[1]
 

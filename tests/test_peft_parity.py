@@ -64,7 +64,7 @@ def test_lorakit_adapter_loads_in_peft_with_the_same_outputs_and_gradients(pcase
     assert (ours - theirs).abs().max() < 1e-5
     ours.pow(2).mean().backward()
     theirs.pow(2).mean().backward()
-    our_grads = {k: p.grad for k, p in lorakit.io.peft_format.adapter_slots(model, "default").items()}
+    our_grads = {k: p.grad for k, p in lorakit.files.peft_format.adapter_slots(model, "default").items()}
     their_grads = {_peft_key(n): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
     assert our_grads.keys() == their_grads.keys()
     for key, grad in our_grads.items():

@@ -4,8 +4,8 @@ few steps, then the adapter scored against the base model on held-out examples."
 import json
 
 from lorakit.cli import main
-from lorakit.evaluate import compare_base_and_adapter
-from lorakit.generate import load_for_inference
+from lorakit.evaluation.evaluate import compare_base_and_adapter
+from lorakit.models.base import load_for_inference
 
 
 def test_a_few_steps_on_the_real_model_lower_the_loss_on_unseen_examples(tmp_path, capsys):

@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from lorakit.adapters import (
+from lorakit.core.adapters import (
     active_adapters,
     adapter_names,
     delete_adapter,
@@ -19,7 +19,10 @@ from lorakit.adapters import (
     mark_only_lora_as_trainable,
     set_adapter,
 )
-from lorakit.config import LoraConfig
+from lorakit.core.config import LoraConfig
+from lorakit.core.inject import inject
+from lorakit.core.layers import Conv1d, Conv2d, Embedding, Linear, LoraLayer
+from lorakit.core.merge import merge, merge_and_unload, unload, unmerge
 from lorakit.errors import (
     AdapterFileError,
     ConfigError,
@@ -27,21 +30,13 @@ from lorakit.errors import (
     MergeError,
     TargetError,
 )
-from lorakit.inject import inject
-from lorakit.io.peft_format import (
+from lorakit.files.peft_format import (
     load_adapter,
     read_adapter,
     read_adapter_config,
     save_adapter,
 )
-from lorakit.layers import Conv1d, Conv2d, Embedding, Linear, LoraLayer
-from lorakit.merge import (
-    merge,
-    merge_adapter_into_state_dict,
-    merge_and_unload,
-    unload,
-    unmerge,
-)
+from lorakit.files.state_dict import merge_adapter_into_state_dict
 
 __all__ = [
     "AdapterFileError",

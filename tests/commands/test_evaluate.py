@@ -3,10 +3,10 @@
 import pytest
 
 from lorakit.cli import main
-from lorakit.data import orders
-from lorakit.evaluate import matches
+from lorakit.evaluation.evaluate import matches
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import train
+from tasks import orders
 
 
 @pytest.fixture(scope="module")

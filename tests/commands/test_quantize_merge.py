@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from lorakit.cli import main
-from lorakit.data import orders
-from lorakit.generate import load_for_inference
-from lorakit.io.base_model import load_base
+from lorakit.models.base import load_base, load_for_inference
+from lorakit.models.quantized import QuantSpec, load_quantized
 from lorakit.quant.linear import QuantLinear, quantize_linears
-from lorakit.quant.model import QuantSpec, load_quantized
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import train
+from tasks import orders
 
 IDS = torch.randint(3, 90, (2, 11), generator=torch.Generator().manual_seed(0))
 

@@ -29,6 +29,6 @@ def test_the_embedded_smollm2_reads_as_transformers_loads_it(smollm2):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from lorakit.io.base_model import embedded_gguf_path, load_base
+    from lorakit.models.base import embedded_gguf_path, load_base
 
     return load_base()[0], embedded_gguf_path()

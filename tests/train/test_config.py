@@ -34,7 +34,7 @@ def test_the_demo_recipe_is_valid():
 @pytest.mark.parametrize(("yaml_text", "problem"), [
     ("learning_rate: 0.1\n", "unknown setting.*learning_rate.*valid settings"),
     ("lr: fast\n", "lr must be a number"),
-    ("r: 0\n", "r must be an integer >= 1"),
+    ("r: 0\n", "r must be a positive integer"),
     ("dtype: int8\n", "dtype must be one of"),
     ("- a list\n", "expected a mapping"),
     ("lr: [\n", "not valid YAML"),

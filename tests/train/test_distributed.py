@@ -89,7 +89,7 @@ def test_two_processes_train_as_one(recipe, ddp_run, tmp_path):
 def test_a_sharded_run_saves_a_whole_adapter_that_acts_as_the_replicated_ones(recipe, ddp_run, tiny_base_dir,
                                                                                tmp_path):
     from lorakit import load_adapter
-    from lorakit.io.base_model import load_base
+    from lorakit.models.base import load_base
 
     run = _torchrun(recipe, tmp_path / "fsdp", "--parallel", "fsdp")
     _, err = run.communicate(timeout=300)
@@ -113,23 +113,27 @@ def test_a_sharded_run_saves_a_whole_adapter_that_acts_as_the_replicated_ones(re
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_killed_two_process_run_resumes_with_the_same_losses(recipe, tmp_path, parallel):
-    whole = _torchrun(recipe, tmp_path / "whole", "--max-steps", "10", "--parallel", parallel)
-    assert whole.wait(timeout=300) == 0
-    killed = _torchrun(recipe, tmp_path / "killed", "--max-steps", "10", "--parallel", parallel)
+    # 30 steps: long enough that the kill lands well before the end, whatever the machine's speed.
+    whole = _torchrun(recipe, tmp_path / "whole", "--max-steps", "30", "--parallel", parallel)
+    _, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err
+    killed = _torchrun(recipe, tmp_path / "killed", "--max-steps", "30", "--parallel", parallel)
     latest = tmp_path / "killed" / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
     while not (latest.is_file() and latest.read_text().strip() >= "step-000002"):
         assert killed.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
-        time.sleep(0.05)
-    os.killpg(killed.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
-    killed.wait()
+        time.sleep(0.01)
+    workers = [_worker_of_rank(killed.pid, rank) for rank in (0, 1)]
+    for pid in (killed.pid, *workers):  # the launcher and both training processes, mid-run: a power cut
+        os.kill(pid, signal.SIGKILL)
+    killed.communicate()  # reaps it and closes its pipes
     assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()  # it did not get to the end
     resume = [sys.executable, "-m", "lorakit", "train", "--resume", "--output", str(tmp_path / "killed"),
               "--no-progress", "--nproc", "2"]
     resumed = subprocess.run(resume, check=False, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert _losses(tmp_path / "killed") == pytest.approx(_losses(tmp_path / "whole"), rel=1e-6)
-    assert json.loads((tmp_path / "killed" / "checkpoints" / "step-000010" / "state.json").read_text())[
+    assert json.loads((tmp_path / "killed" / "checkpoints" / "step-000030" / "state.json").read_text())[
         "config"]["parallel"] == parallel  # resumed as it was run
 
 
@@ -168,6 +172,32 @@ def test_a_process_that_dies_stops_the_run_instead_of_hanging_it(recipe, tmp_pat
     assert run.returncode != 0
     # Process 0 may print the broken collective's own error first; the run's last word names the cause.
     assert err.strip().splitlines()[-1] == "error: training process 1 was killed by SIGKILL (out of memory?)"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through Linux's /proc")
+def test_training_processes_die_with_their_launcher(recipe, tmp_path):
+    run = _torchrun(recipe, tmp_path / "orphans", "--max-steps", "1000")
+    latest = tmp_path / "orphans" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.is_file():
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    workers = [_worker_of_rank(run.pid, rank) for rank in (0, 1)]
+    run.kill()  # the launcher alone, which cannot pass SIGKILL on
+    run.wait()
+    run.stdout.close()  # not read: the workers hold these pipes for as long as they live
+    run.stderr.close()
+    deadline = time.monotonic() + 5  # at once: orphans would train on until their store connection times out
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers):
+        assert time.monotonic() < deadline, "training processes outlived their launcher"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
 
 
 def test_fsdp_refuses_adapters_outside_the_decoder_layers(recipe, tmp_path):

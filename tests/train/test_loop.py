@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.data import orders
 from lorakit.errors import ConfigError
 from lorakit.train.checkpoint import CheckpointError, latest_checkpoint
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import lr_factor, train
+from tasks import orders
 
 
 @pytest.fixture(scope="module")

@@ -41,10 +41,14 @@ def register(commands) -> None:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from lorakit.compress import factorise_linears, quantize_int8, save_compressed
+    from lorakit.core.merge import merge_and_unload
     from lorakit.errors import ConfigError
-    from lorakit.generate import load_for_inference
-    from lorakit.merge import merge_and_unload
+    from lorakit.models.base import load_for_inference
+    from lorakit.models.compress import (
+        factorise_linears,
+        quantize_int8,
+        save_compressed,
+    )
     from lorakit.quant.linear import QuantLinear
 
     if args.output is not None and args.output.exists() and not args.overwrite:
@@ -78,8 +82,8 @@ def _records(args: argparse.Namespace) -> list[dict]:
 
 def _measure(label: str, model, tokenizer, records: list[dict]) -> dict:
     """Serialized size, greedy decoding speed (batch 1) and exact match of ``model``."""
-    from lorakit.compress import serialized_bytes
-    from lorakit.evaluate import score_model
+    from lorakit.evaluation.evaluate import score_model
+    from lorakit.models.compress import serialized_bytes
 
     row = {"label": label, "mib": serialized_bytes(model) / 2**20, "tokens_per_s": _decode_speed(model, tokenizer)}
     if records:
@@ -92,7 +96,7 @@ def _decode_speed(model, tokenizer, new_tokens: int = 32, runs: int = 3) -> floa
     """Greedy tokens per second for one chat prompt, best of ``runs`` (a single user's latency)."""
     import torch
 
-    from lorakit.generate import chat_prompt
+    from lorakit.generation.prompts import chat_prompt
 
     prompt = chat_prompt(tokenizer, [{"role": "user", "content": DECODE_PROMPT}])
     ids = tokenizer(prompt, return_tensors="pt").input_ids

@@ -34,8 +34,12 @@ def register(commands) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from lorakit.data.records import read_records
     from lorakit.errors import ConfigError
-    from lorakit.evaluate import compare_base_and_adapter, report, score_model
-    from lorakit.generate import load_for_inference
+    from lorakit.evaluation.evaluate import (
+        compare_base_and_adapter,
+        report,
+        score_model,
+    )
+    from lorakit.models.base import load_for_inference
 
     if args.limit is not None and args.limit < 1 or args.batch_size < 1:
         raise ConfigError("--limit and --batch-size must be at least 1")

@@ -48,7 +48,9 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from lorakit.generate import chat_prompt, generate_texts, load_for_inference
+    from lorakit.generation.generate import generate_texts
+    from lorakit.generation.prompts import chat_prompt
+    from lorakit.models.base import load_for_inference
 
     _check(args)
     model, tokenizer = load_for_inference(args.base, args.adapter)
@@ -66,7 +68,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    from lorakit.generate import chat_prompt, generate_texts, load_for_inference
+    from lorakit.generation.generate import generate_texts
+    from lorakit.generation.prompts import chat_prompt
+    from lorakit.models.base import load_for_inference
 
     _check(args)
     model, tokenizer = load_for_inference(args.base, args.adapter)

@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from lorakit.config import lora_scaling
+from lorakit.core.config import lora_scaling
 
 
 def register(commands) -> None:
@@ -23,7 +23,7 @@ def register(commands) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from lorakit.io.peft_format import PREFIX, read_adapter_header, split_adapter_key
+    from lorakit.files.peft_format import PREFIX, read_adapter_header, split_adapter_key
 
     config, header, size = read_adapter_header(args.adapter)
     matrices: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)  # path -> {"A": shape, "B": shape}

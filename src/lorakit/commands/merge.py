@@ -7,8 +7,6 @@ from pathlib import Path
 
 from lorakit.quant.groupwise import BITS, GROUP_SIZES
 
-PROBE = "A customer writes: please send two boxes of green tea and one teapot to 12 Elm Street by Friday."
-
 
 def register(commands) -> None:
     parser = commands.add_parser(
@@ -40,69 +38,17 @@ def register(commands) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    import torch
+    from lorakit.models.merged import merge_to_directory
 
-    from lorakit.errors import ConfigError
-    from lorakit.generate import load_for_inference
-    from lorakit.io.base_model import gguf_source
-    from lorakit.io.peft_format import read_adapter_config
-    from lorakit.merge import merge_and_unload
-    from lorakit.quant.linear import quantize_linears, widen_mins
-    from lorakit.quant.model import quantized_spec, save_quantized
-
-    for path in (args.output, args.gguf):
-        if path is not None and path.exists() and not args.overwrite:
-            raise ConfigError(f"{path} exists; pass --overwrite to replace it")
-    config = read_adapter_config(args.adapter)
-    if args.gguf is not None and (config.modules_to_save or config.bias != "none"):
-        raise ConfigError("GGUF export replaces linear weights only; this adapter also trains "
-                          f"{'modules_to_save' if config.modules_to_save else 'biases'}")
-    merged_spec = ((config.qalora_bits or 4, config.qalora_group_size) if config.qalora_group_size
-                   else (args.requantize, args.group_size))
-    if args.gguf is not None and merged_spec != (4, 32):
-        raise ConfigError("GGUF Q4_1 holds 4-bit weights in groups of 32; "
-                          + ("this QA-LoRA adapter's base is not" if config.qalora_group_size
-                             else "merge a plain LoRA adapter with --requantize 4 --group-size 32 to export it"))
-    if args.requantize and config.qalora_group_size:
-        raise ConfigError("a QA-LoRA adapter merges exactly into its quantized base; leave out --requantize")
-    if args.fp32_mins and (args.gguf is not None or not config.qalora_group_size):
-        raise ConfigError("--fp32-mins applies to QA-LoRA adapters written to lorakit's format; "
-                          "leave out --gguf (Q4_1 stores float16 mins)" if config.qalora_group_size
-                          else "--fp32-mins applies to QA-LoRA adapters only; this is a plain LoRA adapter")
-    template = gguf_source(args.base) if args.gguf is not None else None
-    model, tokenizer = load_for_inference(args.base, args.adapter)
-    model = model.cpu()
-    if args.fp32_mins:
-        widen_mins(model)
-    probe = tokenizer(PROBE, return_tensors="pt").input_ids
-    with torch.no_grad():
-        before = model(probe).logits.float()
-        model = merge_and_unload(model)
-        if args.requantize:
-            quantize_linears(model, args.requantize, args.group_size)
-        after = model(probe).logits.float()
-    error = ((after - before).norm() / before.norm()).item()
-
-    spec = quantized_spec(model)
-    if spec is not None:
-        save_quantized(model, tokenizer, args.output)
-        how = "re-quantized" if args.requantize else "exact: codes and scales unchanged, mins shifted"
-        print(f"merged model written to {args.output} ({spec}, {how})")
+    report = merge_to_directory(args.base, args.adapter, args.output, args.requantize, args.group_size, args.gguf,
+                                args.fp32_mins, args.overwrite)
+    if report.spec is not None:
+        how = "re-quantized" if report.requantized else "exact: codes and scales unchanged, mins shifted"
+        print(f"merged model written to {report.output} ({report.spec}, {how})")
     else:
-        _save_float(model, tokenizer, args.output)
-        print(f"merged model written to {args.output} (float weights)")
-    print(f"merged vs unmerged logits on a probe sentence: relative error |merged - unmerged| / |unmerged| = {error:.2e}")
+        print(f"merged model written to {report.output} (float weights)")
+    print("merged vs unmerged logits on a probe sentence: relative error |merged - unmerged| / |unmerged| = "
+          f"{report.probe_error:.2e}")
     if args.gguf is not None:
-        from lorakit.quant.gguf_export import export_q4_1_gguf
-
-        export_q4_1_gguf(model, template, args.gguf)
-        print(f"GGUF Q4_1 written to {args.gguf} (metadata and other tensors from {template.name})")
+        print(f"GGUF Q4_1 written to {args.gguf} (metadata and other tensors from {report.gguf_template.name})")
     return 0
-
-
-def _save_float(model, tokenizer, output: Path) -> None:
-    from lorakit.io.atomic import atomic_directory
-
-    with atomic_directory(output) as tmp:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))

@@ -31,9 +31,9 @@ def register(commands) -> None:
 
 def _quantize(args: argparse.Namespace) -> int:
     from lorakit.errors import ConfigError
-    from lorakit.io.base_model import load_base
+    from lorakit.models.base import load_base
+    from lorakit.models.quantized import QuantSpec, save_quantized
     from lorakit.quant.linear import QuantLinear
-    from lorakit.quant.model import QuantSpec, save_quantized
 
     if args.output.exists() and not args.overwrite:
         raise ConfigError(f"{args.output} exists; pass --overwrite to replace it")

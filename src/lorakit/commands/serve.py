@@ -93,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, adapters: dict[str, Path], tenants) -> int:
     from lorakit.errors import ConfigError
-    from lorakit.generate import load_for_inference
+    from lorakit.models.base import load_for_inference
     from lorakit.serve.app import Limits, create_app, start_service
     from lorakit.serve.server import ConnectionLimits, listening_socket, make_server
 

@@ -57,6 +57,20 @@ def check_spec(bits: int, group_size: int, in_features: int | None = None) -> No
                           f"choose a group size that divides {in_features}, or leave the layer unquantized")
 
 
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize a base: bits per weight and the group size along the input dimension."""
+
+    bits: int = 4
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        check_spec(self.bits, self.group_size)
+
+    def __str__(self) -> str:
+        return f"{self.bits}-bit, groups of {self.group_size}"
+
+
 def quantize_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 32,
                     scale_dtype: torch.dtype = torch.float16, min_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
     """Quantize a (out, in) weight group-wise (see the module docstring)."""

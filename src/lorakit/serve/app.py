@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.errors import LorakitError
+from lorakit.generation.prompts import chat_prompt_ids
 from lorakit.serve.engine import Engine, Event, QueueFull, Request, RowError
 from lorakit.serve.metrics import CONTENT_TYPE, Metrics, RequestRecord
 from lorakit.serve.protocol import (
@@ -453,8 +454,7 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, limits: Limits, c
 def _prompt_ids(tokenizer, body: ChatCompletionRequest | CompletionRequest, chat: bool) -> list[int]:
     if chat:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_prompt_ids(tokenizer, messages)
     return tokenizer(body.text())["input_ids"]
 
 

@@ -3,7 +3,7 @@
 Iteration-level batching: between two decoding steps, finished requests leave the batch and waiting
 ones join it (their prompts are run together first, then their key/value cache is stacked onto the
 running batch's). Rows are kept grouped by adapter, so each adapter's rows are one segment
-(lorakit.mixed_batch); the base layers run once for all rows, and decoding steps add every
+(lorakit.rows); the base layers run once for all rows, and decoding steps add every
 segment's adapter with two batched matmuls per layer.
 
 Each request has its own sampling settings and random generator, so its tokens do not depend on
@@ -26,9 +26,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from lorakit.data.tokenize import padding_id
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.layers.base import RowPlan
-from lorakit.mixed_batch import row_segments, rows_use_plan
+from lorakit.generation.prompts import end_token_ids, left_padded
+from lorakit.rows import RowPlan, row_segments, rows_use_plan
 from lorakit.serve.fair_queue import FairQueue, QueueFull
 from lorakit.serve.kv import BatchCache
 from lorakit.serve.sampling import SamplingParams, next_token
@@ -92,8 +93,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.max_batch = max_batch
         self.prepare, self.release = prepare, release
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.eos_ids = end_token_ids(model, tokenizer)
+        self.pad_id = padding_id(tokenizer)
         self.lock = threading.RLock()
         self._waiting: FairQueue[Request] = FairQueue(max_waiting)
         self._wake = threading.Event()
@@ -234,17 +235,12 @@ class Engine:
 
     def _prompt_pass(self, ready: list[Request]) -> tuple[torch.Tensor, BatchCache]:
         """The joining requests' prompts, run together: (last-position logits (N, V), their cache)."""
-        width = max(len(r.prompt_ids) for r in ready)
-        ids = torch.full((len(ready), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ready), width), dtype=torch.long)
-        for row, request in enumerate(ready):  # left-padded: every prompt ends in the last column
-            ids[row, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
-            mask[row, width - len(request.prompt_ids):] = 1
+        ids, mask = left_padded([r.prompt_ids for r in ready], self.pad_id)  # every prompt ends in the last column
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache()
         with rows_use_plan(RowPlan(row_segments([r.adapter for r in ready]))):
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+                                position_ids=positions.to(self.device), cache=cache, use_cache=True,
                                 logits_to_keep=1).logits[:, -1]
         return logits, BatchCache(cache, mask.to(self.device))
 
@@ -256,7 +252,7 @@ class Engine:
             self._rows_changed = False
         with rows_use_plan(self._plan):
             logits = self.model(input_ids=self._last[:, None].to(self.device), attention_mask=self._cache.mask,
-                                position_ids=lengths[:, None], past_key_values=self._cache.cache, use_cache=True,
+                                position_ids=lengths[:, None], cache=self._cache.cache, use_cache=True,
                                 logits_to_keep=1).logits[:, -1]
         self._last = self._choose(self._running, logits)
         self._regroup()
@@ -358,12 +354,3 @@ def _finished(request: Request) -> bool:
 
 def _group_key(request: Request) -> tuple[bool, str]:
     return request.adapter is not None, request.adapter or ""
-
-
-def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    """Every token that ends a reply: the generation config's end-of-sequence ids and the tokenizer's."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids

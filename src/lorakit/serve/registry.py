@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.adapters import delete_adapter
+from lorakit.core.adapters import delete_adapter
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError
-from lorakit.io.peft_format import (
+from lorakit.files.peft_format import (
     AdapterFiles,
     load_adapter,
     read_adapter,

@@ -29,14 +29,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.io.atomic import (
+from lorakit.files.atomic import (
     atomic_path,
     atomic_write_text,
     fsync_tree,
     replace_directory,
     temporary_name,
 )
-from lorakit.io.peft_format import read_adapter, save_adapter
+from lorakit.files.peft_format import read_adapter, save_adapter
 from lorakit.train.distributed import full, gathered, shard_like
 
 CHECKPOINTS = "checkpoints"

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from lorakit.argtypes import finite_float
+from lorakit.core.checks import check_int, check_number
+from lorakit.core.config import LoraConfig
 from lorakit.errors import ConfigError
-from lorakit.quant.model import QuantSpec
+from lorakit.quant.groupwise import QuantSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
 PARALLEL = ("ddp", "fsdp")
@@ -66,34 +67,28 @@ class TrainConfig:
     progress: bool = _doc("draw a progress bar", True)
 
     def __post_init__(self) -> None:
-        positive = ("r", "epochs", "batch_size", "grad_accum", "max_length", "quant_group_size")
-        for name in positive:
-            _check_int(name, getattr(self, name), minimum=1)
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if not isinstance(self.target_modules, list) or not self.target_modules:
+            raise ConfigError("target_modules must be 'all-linear' or a list of module names")
+        # The LoRA settings are a LoraConfig's, checked by it: one set of rules for r, alpha, dropout
+        # and targets, whether they come from a recipe or from code.
+        self.lora = LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.lora_targets(),
+                               task_type="CAUSAL_LM")
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "quant_group_size"):
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "seed", "threads", "quant_bits"):
-            _check_int(name, getattr(self, name), minimum=0)
-        for name in ("alpha", "lr"):
-            value = getattr(self, name)
-            if not _is_number(value) or value <= 0 or not math.isfinite(value):
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        for name in ("dropout", "weight_decay", "min_lr_ratio", "max_grad_norm"):
-            value = getattr(self, name)
-            # NaN passes `value < 0` (every comparison with NaN is false), hence the finiteness check.
-            if not _is_number(value) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.min_lr_ratio > 1:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.dropout >= 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+            check_int(name, getattr(self, name), minimum=0)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_number("max_grad_norm", self.max_grad_norm, low=0)
+        check_number("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
         if self.quant_bits:
             QuantSpec(self.quant_bits, self.quant_group_size)  # a clear error for bad bits or groups
         if self.parallel not in PARALLEL:
             raise ConfigError(f"parallel must be one of {', '.join(PARALLEL)}; got {self.parallel!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
-        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise ConfigError("target_modules must be 'all-linear' or a list of module names")
         self.val = self.val or None
 
     def lora_targets(self) -> str | tuple[str, ...]:
@@ -177,12 +172,3 @@ def from_sources(yaml_path: str | Path | None, args: argparse.Namespace | None,
 
 def _show(value: Any) -> str:
     return " ".join(value) if isinstance(value, list) else str(value)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -22,9 +22,12 @@ Two ways to share the work (the config's ``parallel``):
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import inspect
 import os
+import signal
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -72,6 +75,7 @@ def join() -> World:
     cuda = torch.cuda.is_available()
     if size == 1:
         return World(0, 1, torch.device("cuda" if cuda else "cpu"))
+    _die_with_launcher()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -79,6 +83,23 @@ def join() -> World:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _die_with_launcher() -> None:
+    """torchrun starts each training process in a session of its own, so a launcher killed outright
+    (SIGKILL, the out-of-memory killer: no signal to pass on) would leave them training on, orphaned,
+    writing checkpoints into a run that is being resumed. On Linux they ask to be killed when their
+    launcher dies (prctl PR_SET_PDEATHSIG); elsewhere they are not."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def leave(world: World, finished: bool = True) -> None:

@@ -20,15 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.adapters import mark_only_lora_as_trainable
-from lorakit.config import LoraConfig
+from lorakit.core.inject import inject
+from lorakit.core.layers.dropout import assign_layer_keys, row_key, set_row_keys
 from lorakit.data.batches import Batch, collate, epoch_batches
 from lorakit.data.tokenize import padding_id, tokenize_file
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.inject import inject
-from lorakit.io.base_model import load_base
-from lorakit.io.peft_format import adapter_slots, save_adapter
-from lorakit.layers.dropout import assign_layer_keys, row_key, set_row_keys
+from lorakit.files.peft_format import adapter_slots, save_adapter
+from lorakit.models.base import load_base
 from lorakit.train import distributed
 from lorakit.train.checkpoint import (
     CHECKPOINTS,
@@ -92,11 +90,8 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
     train_set = tokenize_file(config.train, tokenizer, config.max_length)
     val_set = tokenize_file(config.val, tokenizer, config.max_length) if config.val else []
 
-    lora = LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=config.lora_targets(),
-                      base_model_name_or_path=str(model.name_or_path), task_type="CAUSAL_LM")
-    model = inject(model, lora, name=ADAPTER_NAME)
+    model = inject(model, config.lora.replace(base_model_name_or_path=str(model.name_or_path)), name=ADAPTER_NAME)
     dropouts = assign_layer_keys(model)  # named before any wrapping, so every process names them alike
-    mark_only_lora_as_trainable(model)
     model.config.use_cache = False
     if config.gradient_checkpointing:
         _enable_activation_checkpointing(model)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from lorakit.errors import LorakitError
-from lorakit.io.atomic import atomic_path, atomic_write_text
+from lorakit.files.atomic import atomic_path, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"

@@ -1,0 +1,201 @@
+"""The bookkeeping every LoRA layer family shares (an adapter's own maths is in adapter.py).
+
+A LoRA layer *is* its base layer type (``lorakit.Linear`` subclasses ``nn.Linear``) holding the
+same weight and bias Parameters, so ``q_proj.weight`` keeps its name and ``isinstance`` checks
+in model code still hold. Adapters live beside the weight in ``layer.lora[<adapter name>]``.
+
+A family (linear, conv, embedding) supplies four things:
+- ``adapter_shapes(module, r)``: shapes of A and B for a base module of that family;
+- ``adapter_output(result, x, adapter)``: ``result + s * B(A(dropout(x)))``, never forming B @ A;
+- ``weight_is_transposed``: whether its weight is laid out as the transpose of B @ A, which is all
+  merging needs to know (``delta_in_weight_layout``);
+- ``plain_module()``: the base module type again, sharing the same Parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
+
+import torch
+from torch import nn
+
+from lorakit.core.config import LoraConfig, lora_scaling
+from lorakit.core.layers.adapter import LoraAdapter, delta_in_weight_layout
+from lorakit.errors import MergeError
+
+# Who decides which adapter each row of a batch gets: a callable (layer, base output, input) ->
+# output, set for the duration of a forward pass by code that runs rows on different adapters
+# (lorakit.rows); None: the active adapters apply to every row. The layers know nothing more of it.
+AdapterRouter = Callable[["LoraLayer", torch.Tensor, torch.Tensor], torch.Tensor]
+ADAPTER_ROUTER: ContextVar[AdapterRouter | None] = ContextVar("lorakit_adapter_router", default=None)
+
+
+class LoraLayer:
+    """Mixin for LoRA layers; the concrete classes also inherit their torch base layer."""
+
+    # Whether the config's dropout applies: PEFT and loralib apply none to embedding adapters.
+    uses_dropout = True
+    # Whether target_modules="all-linear" picks this family (nn.Linear, GPT-2's Conv1D, QA-LoRA).
+    is_linear = False
+    # Whether adapter_output is exactly linear_adapter_output: result + s * (dropout(x) A^T) B^T over
+    # x's last dimension (nn.Linear, Conv1D), so that several adapters can be batched as matmuls.
+    linear_adapter = False
+    # Whether the weight is stored (in, out), the transpose of B @ A (PEFT's name for it).
+    fan_in_fan_out = False
+    # Whether the weight is laid out as the transpose of B @ A: GPT-2's Conv1D (fan_in_fan_out) and
+    # embeddings ((vocab, dim), where B @ A is (dim, vocab)).
+    weight_is_transposed = False
+
+    lora: nn.ModuleDict
+    active_adapters: tuple[str, ...]
+    merged_adapters: list[str]
+    lora_disabled: bool
+
+    def _setup_lora(self) -> None:
+        self.lora = nn.ModuleDict()
+        self.active_adapters = ()  # adapters added, in this order, to the base output
+        self.merged_adapters = []  # adapters whose update is currently inside self.weight
+        self.lora_disabled = False  # set by lorakit.disable_adapters(model)
+
+    def _setup_with_adapter(
+        self, r: int, alpha: float, dropout: float, adapter_name: str, config: LoraConfig | None
+    ) -> None:
+        """Constructor tail of every family: drop-in use (``lorakit.Linear(in, out, r=8)``) gets one
+        active adapter and a frozen weight, as loralib does; r=0 builds the layer bare."""
+        self._setup_lora()
+        if config is None:
+            if r == 0:
+                return
+            config = LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=None)
+        self.add_adapter(adapter_name, config)
+        self.active_adapters = (adapter_name,)
+        self.weight.requires_grad_(False)
+
+    # --- family hooks ----------------------------------------------------------------------
+
+    @classmethod
+    def adapter_shapes(cls, module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
+        """s * B @ A in float32, laid out like ``self.weight``."""
+        return delta_in_weight_layout(adapter.lora_A, adapter.lora_B, adapter.scaling, self.weight_is_transposed)
+
+    def plain_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _adapter_placement(self) -> tuple[torch.device, torch.dtype]:
+        """Where new adapters live: the weight's device, float32 even over a half-precision base
+        (float64 stays float64)."""
+        return self.weight.device, torch.promote_types(self.weight.dtype, torch.float32)
+
+    def _init_adapter(self, adapter: LoraAdapter, init: str) -> None:
+        """Start from an unchanged model: B = 0, A random (loralib's and PEFT's choice)."""
+        if init == "gaussian":
+            nn.init.normal_(adapter.lora_A, std=1 / adapter.r)
+        else:
+            nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(adapter.lora_B)
+
+    # --- adapters --------------------------------------------------------------------------
+
+    def add_adapter(
+        self, name: str, config: LoraConfig, r: int | None = None, scaling: float | None = None, init: bool = True
+    ) -> LoraAdapter:
+        """Add adapter ``name`` (not yet active). r and scaling default to the config's."""
+        if name in self.lora:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        r = config.r if r is None else r
+        scaling = lora_scaling(config.alpha, r, config.use_rslora) if scaling is None else scaling
+        a_shape, b_shape = self.adapter_shapes(self, r)
+        device, dtype = self._adapter_placement()
+        adapter = LoraAdapter(a_shape, b_shape, scaling, config.dropout if self.uses_dropout else 0.0, config, device, dtype)
+        if init:
+            with torch.no_grad():
+                self._init_adapter(adapter, config.init)
+        self.lora[name] = adapter
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise MergeError(f"adapter {name!r} is merged into the weights; unmerge before deleting it")
+        del self.lora[name]
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    def _add_adapters(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The base output plus every active adapter not already merged into the weight (or, while a
+        router is set, whatever it gives each row)."""
+        if self.lora_disabled:
+            return result
+        router = ADAPTER_ROUTER.get()
+        if router is not None:
+            return router(self, result, x)
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                result = self.adapter_output(result, x, self.lora[name])
+        return result
+
+    # --- merge -----------------------------------------------------------------------------
+    # The merged weight is W + the sum of the merged adapters' updates, added in float32 (float64
+    # for float64 weights) and rounded once to the weight's dtype, however many adapters and merge
+    # calls. A bf16/fp16 weight keeps its unmerged self beside it while merged (one copy of the
+    # merged layers' weights): rounding to 8 bits of mantissa is not invertible, so subtracting the
+    # update again would not give the original back, and every merge/unmerge cycle (each
+    # ``disable_adapters`` block on a merged model) would drift. Unmerging puts that copy back, bit
+    # for bit. A float32 weight keeps no copy; its unmerge subtracts, within a float32 rounding.
+
+    def _merge_dtype(self) -> torch.dtype:
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
+    def _keeps_unmerged_weight(self) -> bool:
+        return self.weight.dtype in (torch.float16, torch.bfloat16)
+
+    def _merged_weight(self, names: list[str]) -> torch.Tensor:
+        """The weight with ``names`` merged on top of what is merged now, from the unmerged weight
+        when one is kept: one rounding in all."""
+        kept = getattr(self, "lora_unmerged_weight", None)
+        base, names = (kept, self.merged_adapters + names) if kept is not None else (self.weight, names)
+        total = None
+        for name in names:
+            delta = self._delta_weight(self.lora[name]).to(self._merge_dtype())
+            total = delta if total is None else total + delta
+        return base.to(self._merge_dtype()) if total is None else (base.to(self._merge_dtype()) + total)
+
+    @torch.no_grad()
+    def merged_weight_is_finite(self, names: Iterable[str] | None = None) -> bool:
+        """Whether merging ``names`` (default: the active adapters) would give a finite weight."""
+        return bool(torch.isfinite(self._merged_weight(self._to_merge(names)).to(self.weight.dtype)).all())
+
+    @torch.no_grad()
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        """Add the active adapters (or ``names``) into the weight; already merged ones are skipped."""
+        names = self._to_merge(names)
+        if not names:
+            return
+        if not self.merged_adapters and self._keeps_unmerged_weight():
+            # A non-persistent buffer: it follows .to(), and state_dict() never holds it.
+            self.register_buffer("lora_unmerged_weight", self.weight.detach().clone(), persistent=False)
+        self.weight.copy_(self._merged_weight(names))
+        self.merged_adapters += names
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take every merged adapter out again: the kept unmerged weight back, bit for bit, or (float32)
+        the updates subtracted, last merged first."""
+        kept = getattr(self, "lora_unmerged_weight", None)
+        if kept is not None:
+            self.weight.copy_(kept)
+            del self._buffers["lora_unmerged_weight"]
+            self.merged_adapters.clear()
+        while self.merged_adapters:
+            delta = self._delta_weight(self.lora[self.merged_adapters.pop()]).to(self._merge_dtype())
+            self.weight.copy_(self.weight.to(delta.dtype) - delta)
+
+    def _to_merge(self, names: Iterable[str] | None) -> list[str]:
+        names = self.active_adapters if names is None else tuple(names)
+        return [n for n in names if n in self.lora and n not in self.merged_adapters]

@@ -1,0 +1,63 @@
+"""LoRA on nn.Linear: y = x W^T + b + s * (dropout(x) A^T) B^T."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.core.config import LoraConfig
+from lorakit.core.layers.adapter import LoraAdapter, share_base_parameters
+from lorakit.core.layers.base import LoraLayer
+
+
+def linear_adapter_output(result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+    """result + s * B(A(dropout(x))) for a linear map; shared by nn.Linear and GPT-2's Conv1D."""
+    a = adapter.lora_A.to(x.dtype)  # (r, in); a no-op unless the base runs in half precision
+    b = adapter.lora_B.to(x.dtype)  # (out, r)
+    h = F.linear(adapter.dropout(x), a) * adapter.scaling  # (..., r): scale the narrow tensor
+    return result + F.linear(h, b)  # (..., out)
+
+
+class Linear(LoraLayer, nn.Linear):
+    """nn.Linear with LoRA adapters, and a drop-in for loralib's ``lora.Linear(in, out, r=8)``."""
+
+    is_linear = True
+    linear_adapter = True
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        adapter_name: str = "default",
+        config: LoraConfig | None = None,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup_with_adapter(r, alpha, dropout, adapter_name, config)
+
+    @classmethod
+    def from_base(cls, base: nn.Linear) -> Linear:
+        """A bare LoRA layer over ``base``'s own Parameters (nothing copied)."""
+        layer = cls(base.in_features, base.out_features, r=0, bias=base.bias is not None, device="meta")
+        return share_base_parameters(base, layer)
+
+    @classmethod
+    def adapter_shapes(cls, module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r, module.in_features), (module.out_features, r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_adapters(F.linear(x, self.weight, self.bias), x)
+
+    def adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+        return linear_adapter_output(result, x, adapter)
+
+    def plain_module(self) -> nn.Linear:
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        return share_base_parameters(self, plain)

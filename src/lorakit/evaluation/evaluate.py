@@ -1,0 +1,155 @@
+"""Scoring a model on a split: exact match of generated answers and loss on the reference answers.
+
+An answer matches when it equals the reference: as parsed JSON objects when the reference is one
+(key order and spacing do not matter, values do), as text with outer whitespace stripped otherwise.
+The base model and the adapted one are scored on the same split, side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.core.adapters import disable_adapters
+from lorakit.core.merge import merge, unmerge
+from lorakit.data.records import read_records
+from lorakit.data.tokenize import padding_id, reference_text, tokenize_record
+from lorakit.evaluation.greedy_check import GreedyStart, answer_span, check_references
+from lorakit.generation.generate import (
+    StopUnlessJsonObject,
+    cannot_be_json_object,
+    generate_ids,
+)
+
+ANSWER_MARGIN = 16  # tokens allowed beyond the longest reference answer
+
+
+@dataclass
+class Score:
+    label: str
+    answers: list[str]
+    correct: list[bool]
+    loss: float
+
+    @property
+    def exact_match(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+
+def matches(answer: str, reference: str) -> bool:
+    expected = _json_object(reference)
+    if expected is not None:
+        return _json_object(answer) == expected
+    return answer.strip() == reference.strip()
+
+
+def _json_object(text: str) -> dict | None:
+    try:
+        value = json.loads(text.strip())
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def score_model(model: nn.Module, tokenizer, records: list[dict], label: str, batch_size: int = 16,
+                progress: bool = False, shown: list[int] = (), max_new_tokens: int | None = None) -> Score:
+    """Exact match of greedy answers and loss on the references, of ``model`` on ``records``. Answers
+    are at most ``max_new_tokens`` long (default: the longest reference answer and a margin).
+
+    One teacher-forced pass over the references gives the loss and, on every row where greedy
+    decoding reproduces the reference, the answer itself (greedy_check); only the other rows are
+    decoded, from where they part from the reference. When every reference is a JSON object, answers
+    that cannot become one are cut short (the score is the same, decoding much faster); the answers
+    of the ``shown`` rows are then decoded in full, for display."""
+    references = [reference_text(r) for r in records]
+    json_only = all(_json_object(ref) is not None for ref in references)
+    examples = [tokenize_record(r, tokenizer, max_length=1 << 20)[0] for r in records]
+    loss, starts = check_references(model, examples, batch_size, padding_id(tokenizer), tokenizer.eos_token_id,
+                                    progress)
+    limit = max_new_tokens or max(end - start for start, end in map(answer_span, examples)) + ANSWER_MARGIN
+    pending = [i for i, s in enumerate(starts) if not _settled(s, limit, tokenizer, json_only)]
+    _decode_on(model, tokenizer, starts, pending, limit, batch_size, progress, json_only)
+    answers = [tokenizer.decode(s.tokens[:limit], skip_special_tokens=True) for s in starts]
+    if json_only:  # shown rows that may have been cut short: decode them in full, for display
+        cut = [i for i in shown if cannot_be_json_object(answers[i])]
+        _decode_on(model, tokenizer, starts, cut, limit, batch_size)
+        for i in cut:
+            answers[i] = tokenizer.decode(starts[i].tokens, skip_special_tokens=True)
+    correct = [matches(a, ref) for a, ref in zip(answers, references, strict=True)]
+    return Score(label, answers, correct, loss)
+
+
+def _settled(start: GreedyStart, limit: int, tokenizer, json_only: bool) -> bool:
+    """Whether the greedy answer begun by ``start`` needs no more decoding to be scored."""
+    if start.finished or len(start.tokens) >= limit:
+        return True
+    return json_only and cannot_be_json_object(
+        tokenizer.decode(start.tokens[:StopUnlessJsonObject.LOOK_AHEAD], skip_special_tokens=True))
+
+
+def _decode_on(model: nn.Module, tokenizer, starts: list[GreedyStart], rows: list[int], limit: int,
+               batch_size: int, progress: bool = False, json_only: bool = False) -> None:
+    """Greedy decoding of ``rows`` from where their answers stand, up to ``limit`` answer tokens."""
+    rows = [i for i in rows if len(starts[i].tokens) < limit]
+    if not rows:
+        return
+    # generate() takes one max_new_tokens per batch; the longest budget, then each row is cut to its own.
+    budget = limit - min(len(starts[i].tokens) for i in rows)
+    new = generate_ids(model, tokenizer, [starts[i].prompt + starts[i].tokens for i in rows], budget, batch_size,
+                       progress=progress, json_only=json_only, answered=[len(starts[i].tokens) for i in rows])
+    for i, tokens in zip(rows, new, strict=True):
+        starts[i].tokens = (starts[i].tokens + tokens)[:limit]
+
+
+def compare_base_and_adapter(model: nn.Module, tokenizer, data: str | Path, limit: int | None = None,
+                             batch_size: int = 16, with_base: bool = True, examples: int = 3,
+                             progress: bool = False, merged: bool = True) -> tuple[list[dict], list[Score], list[int]]:
+    """(records, scores, shown): the adapter's score, preceded by the base model's (adapters
+    disabled), and the rows worth showing (the adapter's misses first). With ``merged`` the
+    adapter is merged for its pass, so generation runs at the base model's speed, and unmerged
+    after; without, it is computed alongside the base layers, as in training."""
+    records = read_records(data)[:limit]
+    if merged:
+        merge(model)
+    try:
+        adapter = score_model(model, tokenizer, records, "adapter", batch_size, progress)
+    finally:
+        unmerge(model)
+    # The adapter's misses first: they say more than its hits. (Its answers are shown as generated:
+    # one that did not open with "{" is cut short.)
+    shown = sorted(range(len(records)), key=lambda i: adapter.correct[i])[:examples]
+    scores = [adapter]
+    if with_base:
+        with disable_adapters(model):
+            scores.insert(0, score_model(model, tokenizer, records, "base model", batch_size, progress, shown))
+    return records, scores, shown
+
+
+def report(data: str | Path, records: list[dict], scores: list[Score], shown: list[int]) -> str:
+    lines = [f"{data}: {len(records)} examples", f"{'':<12}{'exact match':>18}{'loss':>10}"]
+    for s in scores:
+        lines.append(f"{s.label:<12}{sum(s.correct):>7}/{len(s.correct):<4}{100 * s.exact_match:>6.1f}%"
+                     f"{s.loss:>10.4f}")
+    for i in shown:
+        lines.append("")
+        lines.append(f"[{i}] prompt:    {_last_user_text(records[i])}")
+        lines.append(f"    expected:  {reference_text(records[i])}")
+        for s in scores:
+            mark = "ok " if s.correct[i] else "MISS"
+            lines.append(f"    {s.label:<11}{mark} {_one_line(s.answers[i])}")
+    return "\n".join(lines)
+
+
+def _last_user_text(record: dict) -> str:
+    if "messages" in record:
+        users = [m["content"] for m in record["messages"] if m["role"] == "user"]
+        return _one_line(users[-1] if users else "")
+    return _one_line(record["prompt"])
+
+
+def _one_line(text: str, width: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."

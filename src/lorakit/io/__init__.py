@@ -1,1 +1,0 @@
-"""Adapter files on disk (PEFT's format) and atomic writes."""
