@@ -11,7 +11,10 @@ other (an orders test message, its own adapter: client i uses adapter i mod 16),
 Throughput is all generated tokens over the wall time from the first request to the last answer;
 time to first token (TTFT) and inter-token latency (ITL: between two consecutive text chunks of
 one stream) are per request and per gap, p50 and p99. Both sides run in turns, the order reversed
-every other trial; the HTTP / engine ratio is the median of each trial's ratio.
+every other trial; the HTTP / engine ratio is the median of each trial's ratio. On a machine whose
+cores all compute the model, the clients' own CPU time is taken from it too, so the CPU time of
+the server's HTTP thread (uvicorn's event loop: parsing, routing, validation, SSE) is reported
+beside it, as what HTTP costs the server.
 
     python bench/serve_http.py [--clients 16 64] [--requests 2] [--tokens 32] [--trials 2]
 """
@@ -133,6 +136,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
 
+    import psutil
+
     from bench.serve import make_adapters
     from lorakit.data.records import read_records
     from lorakit.models.base import load_base
@@ -151,6 +156,11 @@ def main() -> None:
         return [[(paths[c % ADAPTERS].name, messages[(c * args.requests + k) % len(messages)])
                  for k in range(args.requests)] for c in range(clients)]
 
+    def http_thread_cpu() -> float:
+        """CPU seconds used so far by the server's event-loop thread."""
+        native = next(t.native_id for t in threading.enumerate() if t.name == "lorakit-http")
+        return next(t.user_time + t.system_time for t in psutil.Process().threads() if t.id == native)
+
     spawn = multiprocessing.get_context("spawn")
     results: dict[tuple[int, str], list[dict]] = {}
     server = make_server(create_app(service), "127.0.0.1", 0, service.limits.max_body_bytes)
@@ -162,9 +172,11 @@ def main() -> None:
                     if side == "http":
                         out = spawn.Queue()
                         child = spawn.Process(target=_http_clients, args=(port, jobs(clients), args.tokens, out))
+                        before = http_thread_cpu()
                         child.start()
                         summary = out.get()
                         child.join()
+                        summary["server_http_cpu_s"] = http_thread_cpu() - before
                     else:
                         summary = _engine_clients(service.engine, tokenizer, jobs(clients), args.tokens)
                     results.setdefault((clients, side), []).append(summary)
@@ -188,13 +200,14 @@ def main() -> None:
             rows.append([f"{clients}", "HTTP (openai clients, streaming)" if side == "http" else "engine alone",
                          f"{median('tokens_per_s'):.0f}", ttft, itl,
                          f"**{statistics.median(ratios):.3f}x**" if side == "http" else "",
-                         f"{median('client_cpu_s'):.1f} of {median('wall_s'):.1f}" if side == "http" else ""])
+                         f"{median('server_http_cpu_s'):.1f} / {median('client_cpu_s'):.1f} of "
+                         f"{median('wall_s'):.1f}" if side == "http" else ""])
     path = write_table(
         "serve_http_cpu", f"HTTP against the engine alone: 16 adapters of rank {args.rank}, mixed ({args.base})",
         f"python bench/serve_http.py --clients {' '.join(map(str, args.clients))} --requests {args.requests} "
         f"--tokens {args.tokens} --trials {args.trials}",
         ["clients", "path", "tokens/s", "TTFT p50 / p99 (ms)", "ITL p50 / p99 (ms)", "HTTP / engine throughput",
-         "client process CPU s of wall s"],
+         "CPU s: server's HTTP thread / client process, of wall s"],
         rows,
         notes=f"Each client sends {args.requests} chat requests one after the other on its own adapter (client i on "
               f"adapter i mod 16), greedy, exactly {args.tokens} new tokens each; max batch 32, so at 64 clients half "

@@ -122,7 +122,7 @@ def serving_in_background(server: uvicorn.Server) -> Iterator[int]:
     """Run ``server`` on its own thread, on an ephemeral port of 127.0.0.1, for the block (tests and
     benchmarks); yields the port."""
     sock = listening_socket("127.0.0.1", 0)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="lorakit-http")
     thread.start()
     try:
         while not server.started:
