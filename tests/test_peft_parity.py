@@ -1,8 +1,10 @@
 """Parity with Hugging Face PEFT on the same weights, and adapter files read both ways.
 
 Covers every layer family PEFT shares with lorakit: Linear, GPT-2 Conv1D, Conv2d, Conv1d and
-Embedding. (lorakit also honours a conv's dilation and padding mode in A, which PEFT does not,
-so the CNN here uses neither.)
+Embedding, and a MobileNetV2's pointwise convolutions and classifier. (lorakit also honours a
+conv's dilation and padding mode in A, which PEFT does not, so the CNN here uses neither; and its
+LoRA on grouped convolutions differs from PEFT's, so the MobileNetV2 case leaves the depthwise
+ones out.)
 """
 
 
@@ -38,12 +40,31 @@ class PlainCNN(nn.Module):
         return self.head(torch.relu(self.seq_conv(h.flatten(2))).mean(-1))
 
 
+def tiny_mobilenet_v2() -> nn.Module:
+    from lorakit.models.mobilenet_v2 import MobileNetV2
+
+    model = MobileNetV2(num_classes=10, width_mult=0.25, dropout=0.0)
+    # Batch-norm statistics from one batch, as a trained model has its own: with the initial ones
+    # (mean 0, variance 1) a random model's signal fades through the 17 blocks to ~1e-7.
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None
+    with torch.no_grad():
+        model.train()(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(9)))
+    nn.init.normal_(model.classifier[1].weight, std=0.3)
+    return model
+
+
+# Every expansion (conv.0.0 after the first block) and projection (conv.2) 1x1 convolution, and the head.
+MOBILENET_POINTWISE = r"features\.([2-9]|1[0-7])\.conv\.(0\.0|2)|classifier\.1"
+
 PARITY_CASES = [
     Case("linear", MLP, CASES[0].make_input, ["fc1", "fc2", "head"]),
     Case("gpt2_conv1d", tiny_gpt2, random_tokens, ["c_attn", "c_proj", "c_fc"]),
     Case("conv", PlainCNN, CASES[1].make_input, ["conv1", "conv2", "seq_conv"]),
     Case("embedding", EmbeddingModel, CASES[2].make_input, ["emb"]),
     Case("llama", tiny_llama, random_tokens, ["embed_tokens", "q_proj", "v_proj", "down_proj"]),
+    Case("mobilenet_v2", tiny_mobilenet_v2, lambda g: torch.randn(2, 3, 32, 32, generator=g), MOBILENET_POINTWISE),
 ]
 
 
@@ -74,8 +95,9 @@ def test_lorakit_adapter_loads_in_peft_with_the_same_outputs_and_gradients(pcase
 def test_peft_adapter_loads_in_lorakit_with_the_same_outputs(pcase, tmp_path):
     torch.manual_seed(3)
     # init_lora_weights=False: PEFT draws A and B at random, so the adapter changes the output.
-    config = PeftLoraConfig(r=4, lora_alpha=8, target_modules=pcase.targets, init_lora_weights=False,
-                            rank_pattern={pcase.targets[0]: 2}, alpha_pattern={pcase.targets[-1]: 3})
+    patterns = {} if isinstance(pcase.targets, str) else {"rank_pattern": {pcase.targets[0]: 2},
+                                                         "alpha_pattern": {pcase.targets[-1]: 3}}
+    config = PeftLoraConfig(r=4, lora_alpha=8, target_modules=pcase.targets, init_lora_weights=False, **patterns)
     peft_model = get_peft_model(pcase.model(), config)
     peft_model.save_pretrained(tmp_path)
     model = lorakit.load_adapter(pcase.model(), tmp_path)

@@ -74,8 +74,6 @@ def plan_injection(model: nn.Module, config: LoraConfig, name: str, activate: bo
             )
         if isinstance(module, LoraLayer) and name in module.lora:
             raise ConfigError(f"{path} already has an adapter named {name!r}; pick another name or delete it first")
-        if getattr(module, "groups", 1) != 1:
-            raise TargetError(f"{path} is a grouped convolution (groups={module.groups}); LoRA on it is not supported")
         plan.targets[path] = module
     if not plan.targets:
         raise TargetError(

@@ -110,9 +110,30 @@ def test_half_precision_base_keeps_float32_adapters_and_its_own_output_dtype():
     torch.testing.assert_close(y.float(), reference, rtol=2e-2, atol=2e-2)
 
 
-def test_grouped_convolution_is_refused():
-    with pytest.raises(ValueError, match="grouped convolution"):
-        lorakit.Conv2d(4, 4, 3, groups=2, r=2)
+@pytest.mark.parametrize(("channels", "groups", "kwargs"), [
+    (8, 2, {"padding": 1}),  # grouped
+    (6, 6, {"padding": 1, "stride": 2}),  # depthwise, as in MobileNet
+    (6, 6, {"padding": 2, "dilation": 2, "padding_mode": "reflect"}),
+])
+def test_a_grouped_convolution_adds_a_low_rank_update_of_its_kernel_and_merges_exactly(channels, groups, kwargs):
+    """The update is B @ A with A (r, in / groups, k, k): the kernel seen as an (out, in / groups * 9)
+    matrix plus a rank-r matrix. Forward equals the base convolution with the updated kernel, and
+    merging gives that kernel."""
+    torch.manual_seed(0)
+    layer = lorakit.Conv2d(channels, channels, 3, groups=groups, r=2, alpha=4, **kwargs)
+    randomize_adapters(layer)
+    adapter = layer.lora["default"]
+    assert adapter.lora_A.shape == (2, channels // groups, 3, 3) and adapter.lora_B.shape == (channels, 2, 1, 1)
+    x = torch.randn(2, channels, 9, 9, requires_grad=True)
+    y = layer(x)
+    kernel = layer.weight + 2 * (adapter.lora_B.flatten(1) @ adapter.lora_A.flatten(1)).view(layer.weight.shape)
+    torch.testing.assert_close(y, layer._conv_forward(x, kernel, layer.bias), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert adapter.lora_A.grad.abs().sum() > 0 and adapter.lora_B.grad.abs().sum() > 0
+    with torch.no_grad():
+        lorakit.merge(layer)
+        torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.weight, kernel, rtol=1e-6, atol=1e-6)
 
 
 def test_layers_stay_instances_of_their_torch_type():

@@ -1,8 +1,14 @@
-"""LoRA on nn.Conv1d and nn.Conv2d.
+"""LoRA on nn.Conv1d and nn.Conv2d, grouped and depthwise ones included.
 
-A is a convolution with the base layer's kernel, stride, padding and dilation into r channels;
-B is a pointwise (1x1) convolution from r channels to the output channels. So the update to the
-kernel is B @ A with both flattened: (out, r) @ (r, in * k...) -> (out, in, k...).
+The update is low-rank in the kernel seen as a matrix, (out, in / groups * k...):
+B @ A with A (r, in / groups, k...) and B (out, r, 1...). For an ordinary convolution A is itself
+a convolution, with the base layer's kernel, stride, padding and dilation, into r channels, and B
+a pointwise (1x1) convolution from r channels to the outputs, so forward never forms B @ A.
+A grouped convolution's inputs do not reach every output, so there the update is formed (it is as
+small as the kernel: 96 x 9 numbers for a depthwise 3x3 over 96 channels) and run as one more
+convolution with the base's groups. PEFT instead gives a grouped layer a dense A over all inputs
+and a grouped B, which needs r to be a multiple of groups (r >= 96 for that depthwise layer) and
+cannot be merged; lorakit's update merges exactly, and its files differ from PEFT's for such layers.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.config import LoraConfig
-from lorakit.core.layers.adapter import LoraAdapter, share_base_parameters
+from lorakit.core.layers.adapter import LoraAdapter, delta_in_weight_layout, share_base_parameters
 from lorakit.core.layers.base import LoraLayer
 
 
@@ -45,8 +51,6 @@ class _ConvLora(LoraLayer):
         self._torch_conv.__init__(
             self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
-        if groups != 1 and (r > 0 or config is not None):
-            raise ValueError(f"LoRA on a grouped convolution (groups={groups}) is not supported")
         self._setup_with_adapter(r, alpha, dropout, adapter_name, config)
 
     @classmethod
@@ -58,12 +62,15 @@ class _ConvLora(LoraLayer):
     @classmethod
     def adapter_shapes(cls, module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         ones = (1,) * len(module.kernel_size)
-        return (r, module.in_channels, *module.kernel_size), (module.out_channels, r, *ones)
+        return (r, module.in_channels // module.groups, *module.kernel_size), (module.out_channels, r, *ones)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._add_adapters(self._conv_forward(x, self.weight, self.bias), x)
 
     def adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+        if self.groups > 1:  # the update, (out, in / groups, k...), as a convolution with the base's groups
+            delta = delta_in_weight_layout(adapter.lora_A, adapter.lora_B, adapter.scaling, transposed=False)
+            return result + self._conv_forward(adapter.dropout(x), delta.to(x.dtype), None)
         a = adapter.lora_A.to(x.dtype)  # (r, in, k...)
         b = adapter.lora_B.to(x.dtype)  # (out, r, 1...)
         # The base layer's own _conv_forward applies its stride, padding (mode), and dilation to A.
