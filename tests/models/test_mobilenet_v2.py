@@ -10,7 +10,12 @@ from torch import nn
 
 import lorakit
 from lorakit.models import mobilenet_v2
-from lorakit.models.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2, imagenet_mobilenet_v2
+from lorakit.models.mobilenet_v2 import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MobileNetV2,
+    imagenet_mobilenet_v2,
+)
 from tests.conftest import randomize_adapters
 
 

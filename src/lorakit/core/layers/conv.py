@@ -18,7 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.core.config import LoraConfig
-from lorakit.core.layers.adapter import LoraAdapter, delta_in_weight_layout, share_base_parameters
+from lorakit.core.layers.adapter import (
+    LoraAdapter,
+    delta_in_weight_layout,
+    share_base_parameters,
+)
 from lorakit.core.layers.base import LoraLayer
 
 
