@@ -9,16 +9,19 @@ from pathlib import Path
 def register(commands) -> None:
     parser = commands.add_parser(
         "eval",
-        help="score an adapter on a split: exact match and loss, against the base model",
+        help="score an adapter on a split: exact match and loss, against the base model (or image accuracy)",
         description="Generate an answer (greedy) for every example of a chat or prompt/completion JSONL file "
         "and score it: exact match with the reference (as parsed JSON objects when the reference is JSON) and "
         "the loss on the reference answers. Scores the base model (adapter off) and the adapter side by side, "
-        "and prints a few examples, misses first.",
+        "and prints a few examples, misses first. For an image-classification adapter, --data names an image "
+        "set (fashion-mnist/test, digits/test, faces/test): top-1 and per-class accuracy, and the confusion "
+        "matrix as a PNG beside the adapter.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--adapter", type=Path,
                         help="adapter directory (none: score the base model alone, e.g. a merged one)")
-    parser.add_argument("--data", type=Path, default=Path("data/orders/test.jsonl"), help="JSONL split to score")
+    parser.add_argument("--data", type=Path, default=Path("data/orders/test.jsonl"),
+                        help="JSONL split to score, or an image set such as fashion-mnist/test")
     parser.add_argument("--base", default="smollm2",
                         help="base model: a model directory, a .gguf file, or smollm2 (the embedded default)")
     parser.add_argument("--limit", type=int, help="score only the first N examples")
@@ -39,10 +42,13 @@ def _eval(args: argparse.Namespace) -> int:
         report,
         score_model,
     )
+    from lorakit.evaluation.images import is_image_data
     from lorakit.models.base import load_for_inference
 
     if args.limit is not None and args.limit < 1 or args.batch_size < 1:
         raise ConfigError("--limit and --batch-size must be at least 1")
+    if is_image_data(str(args.data)):
+        return _eval_images(args)
     model, tokenizer = load_for_inference(args.base, args.adapter)
     if args.adapter is None:
         records = read_records(args.data)[:args.limit]
@@ -54,4 +60,40 @@ def _eval(args: argparse.Namespace) -> int:
                                                       with_base=not args.no_base, examples=args.examples,
                                                       progress=True, merged=not args.unmerged)
     print(report(args.data, records, scores, shown))
+    return 0
+
+
+def _eval_images(args: argparse.Namespace) -> int:
+    import torch
+
+    from lorakit.data.images import image_set
+    from lorakit.errors import ConfigError
+    from lorakit.evaluation.images import (
+        evaluate_images,
+        load_image_adapter,
+        plot_confusion,
+    )
+
+    if args.adapter is None:
+        raise ConfigError("scoring an image set needs --adapter (an image-classification adapter)")
+    model, task = load_image_adapter(args.adapter)
+    data = image_set(str(args.data))
+    if list(data.classes) != task["classes"]:
+        raise ConfigError(f"{args.data} has classes {list(data.classes)}, but the adapter was trained on "
+                          f"{task['classes']}")
+    if args.limit is not None:
+        data = type(data)(data.images[:args.limit], data.labels[:args.limit], data.classes, data.name)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        score = evaluate_images(model, data, task["image_size"], args.batch_size * 4, device)
+    picture = plot_confusion(score, args.adapter / f"confusion-{str(args.data).replace('/', '-')}.png",
+                             f"{args.adapter.name} on {args.data}")
+    print(f"{args.data}: {len(data):,} images at {task['image_size']} px")
+    print(f"top-1 accuracy  {100 * score.accuracy:.2f}%   loss {score.loss:.4f}")
+    width = max(len(c) for c in data.classes)
+    for name, accuracy, count in zip(data.classes, score.per_class(), score.confusion.sum(dim=1).tolist(),
+                                     strict=True):
+        print(f"  {name:<{width}}  {100 * accuracy:6.2f}%  of {count}")
+    if picture is not None:
+        print(f"confusion matrix: {picture}")
     return 0

@@ -119,3 +119,21 @@ def imagenet_mobilenet_v2() -> MobileNetV2:
     state = torch.load(imagenet_weights_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+IMAGE_BASES = ("mobilenet_v2",)
+
+
+def image_classifier(base: str, num_classes: int) -> MobileNetV2:
+    """``base`` (``mobilenet_v2``: ImageNet weights) with a new ``num_classes``-way head, the head
+    drawn from torch's current random state (training seeds it first)."""
+    if base not in IMAGE_BASES:
+        raise WeightsError(f"--base {base!r}: image classification runs on {', '.join(IMAGE_BASES)}")
+    model = imagenet_mobilenet_v2()
+    model.classifier[1] = nn.Linear(model.last_channels, num_classes)
+    return model
+
+
+def conv_names(model: nn.Module) -> list[str]:
+    """The module names of every 2-D convolution: what ``target_modules: all-conv`` adapts."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]

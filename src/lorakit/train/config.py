@@ -21,6 +21,7 @@ from lorakit.errors import ConfigError
 from lorakit.quant.groupwise import QuantSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
+TASKS = ("causal-lm", "image-classification")
 PARALLEL = ("ddp", "fsdp")
 # Fields that may differ when resuming: they change neither the maths nor the data order.
 RESUMABLE_CHANGES = frozenset({"eval_every", "save_every", "threads", "progress", "parallel"})
@@ -63,6 +64,11 @@ class TrainConfig:
     parallel: str = _doc("how several processes (--nproc, torchrun) share the model: ddp (each holds all of "
                          "it) or fsdp (each decoder layer sharded across them, for a base too big for one device)",
                          "ddp")
+    task: str = _doc("what the model learns: causal-lm (chat or prompt/completion JSONL on a language model) or "
+                     "image-classification (train/val name image sets such as fashion-mnist/train, on base "
+                     "mobilenet_v2, target_modules all-conv adapting every convolution)", "causal-lm")
+    image_size: int = _doc("image-classification: side the images are resized to", 64)
+    augment: bool = _doc("image-classification: shift and mirror training images at random", True)
     threads: int = _doc("CPU threads for torch (0: torch's default)", 0)
     progress: bool = _doc("draw a progress bar", True)
 
@@ -75,7 +81,9 @@ class TrainConfig:
         # and targets, whether they come from a recipe or from code.
         self.lora = LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.lora_targets(),
                                task_type="CAUSAL_LM")
-        for name in ("epochs", "batch_size", "grad_accum", "max_length", "quant_group_size"):
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "quant_group_size", "image_size"):
             check_int(name, getattr(self, name), minimum=1)
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "seed", "threads", "quant_bits"):
             check_int(name, getattr(self, name), minimum=0)

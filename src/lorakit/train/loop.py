@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
+import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,32 +23,30 @@ from lorakit.core.inject import inject
 from lorakit.core.layers.dropout import assign_layer_keys, row_key, set_row_keys
 from lorakit.data.batches import Batch, collate, epoch_batches
 from lorakit.data.tokenize import padding_id, tokenize_file
-from lorakit.errors import ConfigError, LorakitError
+from lorakit.errors import ConfigError
 from lorakit.files.peft_format import adapter_slots, save_adapter
 from lorakit.models.base import load_base
 from lorakit.train import distributed
 from lorakit.train.checkpoint import (
-    CHECKPOINTS,
-    CheckpointError,
     capture,
-    latest_checkpoint,
     restore,
     save_checkpoint,
 )
-from lorakit.train.config import RESUMABLE_CHANGES, TrainConfig
+from lorakit.train.config import TrainConfig
 from lorakit.train.loss import evaluate_loss
 from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
+from lorakit.train.run import (
+    TrainingDiverged,
+    TrainResult,
+    checkpoint_to_resume,
+    clip_gradients,
+    last_good,
+    lr_factor,
+    progress_bar,
+    refuse_to_clobber,
+)
 
 ADAPTER_NAME = "default"
-
-
-@dataclass
-class TrainResult:
-    output: Path
-    steps: int  # optimizer steps done in all, counting those before a resume
-    total_steps: int
-    losses: list[float]  # training loss of each step taken in this call
-    val_loss: float | None
 
 
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
@@ -57,6 +54,12 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
     """Fine-tune ``config.base`` on ``config.train`` and write the adapter to ``config.output``.
     ``stop_after`` ends the run after that many optimizer steps in total (a checkpoint is left to
     resume from), without changing the schedule."""
+    if config.task == "image-classification":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("task: image-classification trains on one process; leave out --nproc")
+        from lorakit.train.images import train_images
+
+        return train_images(config, resume, overwrite, stop_after)
     world = distributed.join()
     finished = False
     try:
@@ -70,9 +73,9 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
 def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrite: bool,
            stop_after: int | None) -> TrainResult:
     output = Path(config.output)
-    checkpoint = _checkpoint_to_resume(output, config) if resume else None
+    checkpoint = checkpoint_to_resume(output, config) if resume else None
     if checkpoint is None and (world.is_main or not overwrite):  # process 0 alone clears a run it replaces
-        _refuse_to_clobber(output, overwrite)
+        refuse_to_clobber(output, overwrite)
     if config.batch_size < world.size:
         raise ConfigError(f"batch_size={config.batch_size} is the global batch, shared by {world.size} processes; "
                           f"make it at least {world.size}")
@@ -133,7 +136,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
 
     if config.progress and world.is_main:
         print(_summary(model, len(train_set), total_steps, config, device, world.size), file=sys.stderr)
-    bar = _progress(config, total_steps, start) if world.is_main else None
+    bar = progress_bar(config, total_steps, start) if world.is_main else None
     losses: list[float] = []
     val_loss = None
     model.train()
@@ -153,11 +156,11 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
         set_row_keys(dropouts, None)
         mine = sum(int(b.attention_mask.sum()) * weight for _, b, weight, _ in micro)
         step_loss, tokens = world.sum(step_loss, mine)
-        grad_norm = _clip(slots.values(), config.max_grad_norm)
+        grad_norm = clip_gradients(slots.values(), config.max_grad_norm)
         done = step + 1
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # the same verdict on every process
             raise TrainingDiverged(f"step {done}: the loss is {step_loss:g} and the gradient norm {grad_norm:g}, so "
-                                   f"training stopped before applying it ({_last_good(last_saved)}); start again "
+                                   f"training stopped before applying it ({last_good(last_saved)}); start again "
                                    "with a lower --lr or --max-grad-norm, check the data, or use a float32 base")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -195,14 +198,6 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
     return TrainResult(output, end, total_steps, losses, val_loss)
 
 
-class TrainingDiverged(LorakitError):
-    """The loss or the gradients became NaN or infinite; nothing of that step was applied or saved."""
-
-
-def _last_good(step: int | None) -> str:
-    return "no checkpoint was written yet" if step is None else f"the last checkpoint, step {step}, is as it was"
-
-
 def _enable_activation_checkpointing(model: nn.Module) -> None:
     # Non-reentrant checkpointing: the frozen base's inputs need no requires_grad for it to work.
     # transformers 5 renamed gradient_checkpointing_enable (deprecated) to activation_checkpointing_enable.
@@ -212,55 +207,6 @@ def _enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it")
-
-
-def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to ``floor`` at the last step."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(total - warmup - 1, 1)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def _clip(params, max_norm: float) -> float:
-    """The gradients' global norm, before they are clipped to ``max_norm`` (0: not clipped)."""
-    params = [p for p in params if p.grad is not None]
-    norm = distributed.full(torch.nn.utils.get_total_norm([p.grad for p in params]))  # whole under FSDP too
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return float(norm)
-
-
-def _checkpoint_to_resume(output: Path, config: TrainConfig):
-    checkpoint = latest_checkpoint(output)
-    if checkpoint is None:
-        raise CheckpointError(f"{output}: no checkpoint to resume from; run without --resume to start")
-    saved = TrainConfig(**checkpoint.config)
-    changed = [name for name in config.changed_fields(saved) if name not in RESUMABLE_CHANGES]
-    if changed:
-        details = ", ".join(f"{n} (checkpoint {getattr(saved, n)!r}, now {getattr(config, n)!r})" for n in changed)
-        raise ConfigError(f"cannot resume with changed settings: {details}; resume with the original "
-                          "settings or start a new run in another --output")
-    return checkpoint
-
-
-def _refuse_to_clobber(output: Path, overwrite: bool) -> None:
-    if overwrite:  # a stale checkpoint must not be resumed later as if it were this run's
-        shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
-        return
-    previous = [p.name for p in (output / METRICS_FILE, output / CHECKPOINTS, output / "adapter_model.safetensors")
-                if p.exists()]
-    if previous:
-        raise ConfigError(f"{output} already holds a run ({', '.join(previous)}); pass --resume to continue it, "
-                          "--overwrite to replace it, or choose another --output")
-
-
-def _progress(config: TrainConfig, total: int, start: int):
-    if not config.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
 def _postfix(losses: list[float], val_loss: float | None, tokens_per_s: float) -> str:

@@ -69,8 +69,9 @@ def _read(path: Path) -> tuple[list[dict], str]:
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
-    """Training loss (raw and smoothed) and validation loss against the step. None when there is
-    nothing to plot or matplotlib is not installed (it is an optional dependency)."""
+    """Training loss (raw and smoothed) and validation loss against the step, and beside them the
+    accuracy when the run records one (image classification). None when there is nothing to plot
+    or matplotlib is not installed (it is an optional dependency)."""
     try:
         import matplotlib
 
@@ -81,19 +82,34 @@ def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    accuracy = [(r["step"], r["accuracy"]) for r in records if "accuracy" in r]
+    val_accuracy = [(r["step"], r["val_accuracy"]) for r in records if "val_accuracy" in r]
     if not train:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    panels = 2 if accuracy or val_accuracy else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), dpi=110, squeeze=False)
+    ax = axes[0][0]
     steps, losses = zip(*train, strict=True)
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train (per step)")
     ax.plot(steps, _smoothed(losses), color="tab:blue", linewidth=2, label="train (smoothed)")
     if val:
         ax.plot(*zip(*val, strict=True), "o-", color="tab:orange", linewidth=2, label="validation")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per target token)")
+    ax.set_ylabel("loss (nats per target)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    if panels == 2:
+        ax = axes[0][1]
+        if accuracy:
+            steps, values = zip(*accuracy, strict=True)
+            ax.plot(steps, _smoothed(values), color="tab:blue", linewidth=2, label="train batches (smoothed)")
+        if val_accuracy:
+            ax.plot(*zip(*val_accuracy, strict=True), "o-", color="tab:orange", linewidth=2, label="validation")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("top-1 accuracy")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png")
