@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # `make constraints` is run on purpose (see the file's header).
 CONSTRAINTS := constraints.txt
 
-.PHONY: install demo test bench constraints clean
+.PHONY: install demo demo-vision test bench constraints clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,18 @@ demo: $(STAMP)
 	$(VENV)/bin/lorakit eval --adapter out/orders --data data/orders/test.jsonl && \
 	elapsed=$$(( $$(date +%s) - start )) && \
 	echo "demo: training + evaluation took $$((elapsed / 60)) min $$((elapsed % 60)) s"
+
+# LoRA for vision: adapt MobileNetV2 (ImageNet weights) to Fashion-MNIST on the CPU, then score it on
+# the 10,000 test images. Fashion-MNIST comes from Debian's package, installed here if missing.
+demo-vision: $(STAMP)
+	@[ -f "$${LORAKIT_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}/t10k-images-idx3-ubyte.gz" ] || \
+		{ echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+		  $$([ "$$(id -u)" -eq 0 ] || echo sudo) apt-get install -y -q dataset-fashion-mnist; }
+	@start=$$(date +%s); \
+	$(VENV)/bin/lorakit train --config configs/mobilenetv2-fashion.yaml --overwrite && \
+	$(VENV)/bin/lorakit eval --adapter out/fashion --data fashion-mnist/test && \
+	elapsed=$$(( $$(date +%s) - start )) && \
+	echo "demo-vision: training + evaluation took $$((elapsed / 60)) min $$((elapsed % 60)) s"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
