@@ -64,7 +64,7 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
 
 def test_eval_prints_accuracy_per_class_and_draws_the_confusion_matrix(tmp_path, capsys):
     train(_config(tmp_path))
-    model, task = load_image_adapter(tmp_path)
+    model, _ = load_image_adapter(tmp_path)
     expected = evaluate_images(model, image_set("digits/test"), 64, 64, torch.device("cpu"))
     assert main(["eval", "--adapter", str(tmp_path), "--data", "digits/test"]) == 0
     out = capsys.readouterr().out
