@@ -34,10 +34,22 @@ from bench.common import PeakMemory, write_table
 LEARNING_RATES = {"linear probe": 2e-3, "LoRA": 2e-3, "full fine-tuning": 5e-4}
 
 
-def run_baseline(method: str, args, train_set, test_set) -> dict:
-    """The probe or full fine-tuning, with lorakit's batches, augmentation and schedule."""
-    from lorakit.data.images import model_input
+def run_baseline(method: str, args, test_set) -> dict:
+    """The probe or full fine-tuning, with lorakit's batches, augmentation and schedule. Peak memory
+    counts from before the model and the training images are loaded, as for LoRA (whose run is
+    `lorakit train` itself, loading both)."""
     from lorakit.evaluation.images import evaluate_images
+
+    with PeakMemory(torch.device("cpu")) as memory:
+        model, params, times = _train_baseline(method, args)
+    score = evaluate_images(model, test_set, args.size, 256, torch.device("cpu"))
+    stored = sum(p.numel() * p.element_size() for p in params)  # what must be kept: the trained tensors
+    return {"accuracy": score.accuracy, "trainable": sum(p.numel() for p in params), "stored": stored,
+            "peak": memory.peak, "step": statistics.median(times)}
+
+
+def _train_baseline(method: str, args):
+    from lorakit.data.images import image_set, model_input
     from lorakit.models.mobilenet_v2 import (
         IMAGENET_MEAN,
         IMAGENET_STD,
@@ -48,42 +60,37 @@ def run_baseline(method: str, args, train_set, test_set) -> dict:
 
     torch.manual_seed(0)
     model = image_classifier("mobilenet_v2", 10)
+    train_set = image_set("fashion-mnist/train")
     if method == "linear probe":
         for p in model.parameters():
             p.requires_grad_(False)
         params = list(model.classifier.parameters())
         for p in params:
             p.requires_grad_(True)
+        _train_mode(model)
     else:
         params = list(model.parameters())
+        model.train()
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[method], weight_decay=0.0)
     per_epoch = math.ceil(len(train_set) / args.batch)
     times = []
-    if method == "linear probe":
-        _train_mode(model)
-    else:
-        model.train()
-    with PeakMemory(torch.device("cpu")) as memory:
-        for step in range(args.steps):
-            started = time.perf_counter()
-            epoch, position = divmod(step, per_epoch)
-            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(epoch))
-            rows = order[position * args.batch:(position + 1) * args.batch]
-            images = model_input(train_set.images[rows], args.size, IMAGENET_MEAN, IMAGENET_STD,
-                                 torch.Generator().manual_seed(step))
-            lr = LEARNING_RATES[method] * lr_factor(step, args.steps, 20, 0.0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = F.cross_entropy(model(images), train_set.labels[rows])
-            loss.backward()
-            clip_gradients(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - started)
-    score = evaluate_images(model, test_set, args.size, 256, torch.device("cpu"))
-    stored = sum(p.numel() * p.element_size() for p in params)  # what must be kept: the trained tensors
-    return {"accuracy": score.accuracy, "trainable": sum(p.numel() for p in params), "stored": stored,
-            "peak": memory.peak, "step": statistics.median(times)}
+    for step in range(args.steps):
+        started = time.perf_counter()
+        epoch, position = divmod(step, per_epoch)
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(epoch))
+        rows = order[position * args.batch:(position + 1) * args.batch]
+        images = model_input(train_set.images[rows], args.size, IMAGENET_MEAN, IMAGENET_STD,
+                             torch.Generator().manual_seed(step))
+        lr = LEARNING_RATES[method] * lr_factor(step, args.steps, 20, 0.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = F.cross_entropy(model(images), train_set.labels[rows])
+        loss.backward()
+        clip_gradients(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return model, params, times
 
 
 def run_lora(args, test_set) -> dict:
@@ -119,11 +126,10 @@ def main() -> None:
 
     from lorakit.data.images import image_set
 
-    train_set, test_set = image_set("fashion-mnist/train"), image_set("fashion-mnist/test")
+    test_set = image_set("fashion-mnist/test")
     results = {}
     for method in ("linear probe", "LoRA", "full fine-tuning"):
-        results[method] = run_lora(args, test_set) if method == "LoRA" else run_baseline(method, args, train_set,
-                                                                                        test_set)
+        results[method] = run_lora(args, test_set) if method == "LoRA" else run_baseline(method, args, test_set)
         r = results[method]
         print(f"{method}: {100 * r['accuracy']:.2f}% top-1, {r['trainable']:,} trainable, "
               f"{1000 * r['step']:.0f} ms/step", flush=True)

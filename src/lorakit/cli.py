@@ -8,6 +8,7 @@ import sys
 
 from lorakit import __version__
 from lorakit.commands import (
+    compare,
     compress,
     evaluate,
     generate,
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for command in (train, evaluate, generate, merge, quantize, compress, info, serve):
+    for command in (train, compare, evaluate, generate, merge, quantize, compress, info, serve):
         command.register(commands)
     return parser
 

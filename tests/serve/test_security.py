@@ -265,10 +265,15 @@ def test_a_request_whose_handler_fails_leaves_the_batch(slow_engine_server, monk
 
     service, port = slow_engine_server
 
-    def broken_reply(*args, **kwargs):
-        raise RuntimeError("the handler broke after submitting")
+    next_event, calls = app_module._Job.next_event, []
 
-    monkeypatch.setattr(app_module._Reply, "whole", broken_reply)
+    async def breaks_after_the_first_token(self):
+        calls.append(self)
+        if len(calls) > 1:  # mid-generation: 399 tokens still to come
+            raise RuntimeError("the handler broke after submitting")
+        return await next_event(self)
+
+    monkeypatch.setattr(app_module._Job, "next_event", breaks_after_the_first_token)
     response = _exchange(port, _long_request(False), wait=10)
     assert _status(response) == 500
     assert _wait_until_idle(service, 5) < 0.5

@@ -22,8 +22,8 @@ def register(commands) -> None:
                         help="adapter directory (none: score the base model alone, e.g. a merged one)")
     parser.add_argument("--data", type=Path, default=Path("data/orders/test.jsonl"),
                         help="JSONL split to score, or an image set such as fashion-mnist/test")
-    parser.add_argument("--base", default="smollm2",
-                        help="base model: a model directory, a .gguf file, or smollm2 (the embedded default)")
+    parser.add_argument("--base", help="base model: a model directory, a .gguf file, or smollm2 (the embedded "
+                        "default, used when --base is left out); leave it out for a fully fine-tuned --adapter")
     parser.add_argument("--limit", type=int, help="score only the first N examples")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts generated together")
     parser.add_argument("--examples", type=int, default=3, help="examples to print")
@@ -43,6 +43,7 @@ def _eval(args: argparse.Namespace) -> int:
         score_model,
     )
     from lorakit.evaluation.images import is_image_data
+    from lorakit.methods.method import method_of_directory
     from lorakit.models.base import load_for_inference
 
     if args.limit is not None and args.limit < 1 or args.batch_size < 1:
@@ -50,7 +51,8 @@ def _eval(args: argparse.Namespace) -> int:
     if is_image_data(str(args.data)):
         return _eval_images(args)
     model, tokenizer = load_for_inference(args.base, args.adapter)
-    if args.adapter is None:
+    whole_model = args.adapter is not None and method_of_directory(args.adapter).name == "full"
+    if args.adapter is None or whole_model:  # a fully fine-tuned model has no base inside it to compare with
         records = read_records(args.data)[:args.limit]
         score = score_model(model, tokenizer, records, "model", args.batch_size, progress=True)
         shown = sorted(range(len(records)), key=lambda i: score.correct[i])[:args.examples]

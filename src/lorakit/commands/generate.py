@@ -33,8 +33,8 @@ def register(commands) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", type=Path, help="adapter directory (none: the base model alone)")
-    parser.add_argument("--base", default="smollm2",
-                        help="base model: a model directory, a .gguf file, or smollm2 (the embedded default)")
+    parser.add_argument("--base", help="base model: a model directory, a .gguf file, or smollm2 (the embedded "
+                        "default, used when --base is left out); leave it out for a fully fine-tuned --adapter")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
     parser.add_argument("--temperature", type=finite_float, default=0.0, help="0 decodes greedily")
     parser.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling threshold (with --temperature)")

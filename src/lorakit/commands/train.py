@@ -1,4 +1,4 @@
-"""`lorakit train`: fine-tune a LoRA adapter from a YAML recipe, any field overridable by flag."""
+"""`lorakit train`: fine-tune an adapter (LoRA, or another --method) from a YAML recipe, any field overridable by flag."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from lorakit.train import config as train_config
 def register(commands) -> None:
     parser = commands.add_parser(
         "train",
-        help="fine-tune a LoRA adapter on chat or prompt/completion JSONL",
-        description="Fine-tune a LoRA adapter. Settings come from --config (a YAML recipe such as "
-        "configs/smollm2-orders.yaml), then from flags, which override it. Writes the adapter (PEFT format), "
-        "metrics.jsonl, loss.png and checkpoints to --output. Loss is taken on assistant tokens (or the "
+        help="fine-tune a LoRA adapter (or another --method) on chat or prompt/completion JSONL",
+        description="Fine-tune a LoRA adapter, or adapt the model another way (--method full, prompt, prefix, ia3 "
+        "or adapter; `lorakit compare` trains several side by side). Settings come from --config (a YAML recipe such as "
+        "configs/smollm2-orders.yaml), then from flags, which override it. Writes the adapter (PEFT format; "
+        "bottleneck adapters in lorakit's own; a whole model directory for full fine-tuning), metrics.jsonl, loss.png and checkpoints to --output. Loss is taken on assistant tokens (or the "
         "completion) only.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

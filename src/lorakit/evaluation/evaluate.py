@@ -23,6 +23,7 @@ from lorakit.generation.generate import (
     cannot_be_json_object,
     generate_ids,
 )
+from lorakit.methods.method import methods_disabled
 
 ANSWER_MARGIN = 16  # tokens allowed beyond the longest reference answer
 
@@ -123,7 +124,7 @@ def compare_base_and_adapter(model: nn.Module, tokenizer, data: str | Path, limi
     shown = sorted(range(len(records)), key=lambda i: adapter.correct[i])[:examples]
     scores = [adapter]
     if with_base:
-        with disable_adapters(model):
+        with disable_adapters(model), methods_disabled(model):
             scores.insert(0, score_model(model, tokenizer, records, "base model", batch_size, progress, shown))
     return records, scores, shown
 

@@ -63,7 +63,8 @@ def from_peft_dict(data: Mapping[str, Any], source: str = "adapter_config.json")
         raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
     peft_type = data.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise ConfigError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters only")
+        raise ConfigError(f"{source}: peft_type is {peft_type!r}, and this takes LoRA adapters only (lorakit eval, "
+                          "generate, chat and merge also take IA3, prompt and prefix tuning and bottleneck adapters)")
     for key, value in data.items():
         if key in _PEFT_KEYS_READ or key in _PEFT_KEYS_METADATA:
             continue

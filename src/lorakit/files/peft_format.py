@@ -64,6 +64,10 @@ TRANSPOSED_MODULES = "lorakit.fan_in_fan_out_modules"  # weights metadata: JSON 
 BOUND_SETTINGS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
                   "exclude_modules", "fan_in_fan_out", "bias", "modules_to_save", "use_dora", "use_qalora",
                   "qalora_group_size", "qalora_pool", "qalora_bits")
+# Keys of other adapter kinds' configs (IA³, prompts, ...) that describe rather than compute: every
+# other key of theirs is bound to the weights.
+DESCRIPTIVE_SETTINGS = frozenset({"base_model_name_or_path", "task_type", "inference_mode", "peft_version",
+                                  "revision", "tokenizer_name_or_path", "auto_mapping"})
 
 
 # --- keys ----------------------------------------------------------------------------------
@@ -155,20 +159,31 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     tensors = {key: param.detach() for key, param in slots.items()} if tensors is None else tensors
     if tensors.keys() != slots.keys():
         raise ValueError(f"tensors for adapter {name!r} must have exactly its file keys")
-    tensors = {key: tensor.to("cpu", copy=True).contiguous() for key, tensor in tensors.items()}
-    for key, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise AdapterFileError(f"adapter {name!r}: {key} holds NaN or infinite values; not saved")
+    transposed = sorted(path for path, layer in layers if layer.fan_in_fan_out)
+    return write_adapter_files(directory, file_config, tensors, {TRANSPOSED_MODULES: json.dumps(transposed)})
 
+
+def finite_copies(tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of ``tensors`` to save, or AdapterFileError naming one that is not finite."""
+    copies = {key: tensor.to("cpu", copy=True).contiguous() for key, tensor in tensors.items()}
+    for key, tensor in copies.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterFileError(f"{key} holds NaN or infinite values; {what} was not saved")
+    return copies
+
+
+def write_adapter_files(directory: str | Path, file_config: dict, tensors: dict[str, torch.Tensor],
+                        metadata: dict[str, str] | None = None) -> Path:
+    """adapter_config.json and adapter_model.safetensors written as one unit (the protocol above), for
+    any adapter kind: ``file_config`` is the JSON object, ``tensors`` the weights by file key."""
+    tensors = finite_copies(tensors, "the adapter")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config_text = json.dumps(file_config, indent=2, sort_keys=True) + "\n"
     atomic_write_text(directory / NEXT_CONFIG_NAME, config_text)  # 1. the new config, beside the old
     try:
         with atomic_path(directory / WEIGHTS_NAME) as tmp:  # 2. the new weights, naming their config
-            transposed = sorted(path for path, layer in layers if layer.fan_in_fan_out)
-            metadata = {"format": "pt", CONFIG_DIGEST: _settings_digest(file_config),
-                        TRANSPOSED_MODULES: json.dumps(transposed)}
+            metadata = {"format": "pt", CONFIG_DIGEST: _settings_digest(file_config), **(metadata or {})}
             save_file(tensors, str(tmp), metadata=metadata)
     except BaseException:  # the old pair stands; the new config has nothing to wait for
         (directory / NEXT_CONFIG_NAME).unlink(missing_ok=True)
@@ -179,7 +194,8 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
 
 
 def _settings_digest(data: dict) -> str:
-    bound = {key: data.get(key) for key in BOUND_SETTINGS}
+    lora = data.get("peft_type", "LORA") == "LORA"
+    bound = {key: data.get(key) for key in (BOUND_SETTINGS if lora else sorted(set(data) - DESCRIPTIVE_SETTINGS))}
     return hashlib.sha256(json.dumps(bound, sort_keys=True).encode()).hexdigest()
 
 
@@ -253,7 +269,11 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
 
 
 def _config_for(directory: Path, digest: str | None) -> LoraConfig:
-    """The directory's config; when the weights record a settings ``digest``, the config they were
+    return from_peft_dict(_config_dict_for(directory, digest), source=str(directory / CONFIG_NAME))
+
+
+def _config_dict_for(directory: Path, digest: str | None) -> dict:
+    """The directory's config as JSON; when the weights record a settings ``digest``, the config they were
     saved with, completing a save that was cut off between its two renames."""
     config_path = directory / CONFIG_NAME
     data = _json_object(config_path.read_bytes(), config_path) if config_path.is_file() else None
@@ -273,7 +293,7 @@ def _config_for(directory: Path, digest: str | None) -> LoraConfig:
         raise AdapterFileError(
             f"{directory}: {WEIGHTS_NAME} was saved with other settings than {CONFIG_NAME} gives (r, alpha, "
             "targets...: files of two different saves, or a setting edited by hand); save the adapter again")
-    return from_peft_dict(data, source=str(config_path))
+    return data
 
 
 def _no_config(directory: Path) -> AdapterFileError:
@@ -310,8 +330,22 @@ def _recorded_digest(metadata: dict[str, str]) -> str | None:
 
 
 def read_adapter(directory: str | Path, max_bytes: int | None = None) -> AdapterFiles:
-    """An adapter directory's config and tensors (float, on the CPU), each file read once.
+    """A LoRA adapter directory's config and tensors (float, on the CPU), each file read once.
     ``max_bytes`` refuses a weights file larger than that before reading it whole."""
+    data, tensors, metadata = read_adapter_files(directory, max_bytes)
+    config = from_peft_dict(data, source=str(Path(directory) / CONFIG_NAME))
+    transposed = metadata.get(TRANSPOSED_MODULES)
+    try:
+        transposed = frozenset(json.loads(transposed)) if transposed is not None else None
+    except (ValueError, TypeError):
+        raise AdapterFileError(f"{directory}: its {TRANSPOSED_MODULES} metadata is not a JSON list") from None
+    return AdapterFiles(config, tensors, transposed)
+
+
+def read_adapter_files(directory: str | Path, max_bytes: int | None = None,
+                       ) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """(adapter_config.json as JSON, the float tensors by key on the CPU, the weights' metadata) of an
+    adapter directory of any kind, each file read once, the two checked to belong together."""
     path = _adapter_dir(directory)
     if not (path / CONFIG_NAME).is_file() and not (path / NEXT_CONFIG_NAME).is_file():
         raise _no_config(path)
@@ -329,16 +363,33 @@ def read_adapter(directory: str | Path, max_bytes: int | None = None) -> Adapter
     except (SafetensorError, OSError) as err:
         raise _unreadable(weights, err) from None
     metadata = _metadata_of(raw)
-    config = _config_for(path, _recorded_digest(metadata))
+    data = _config_dict_for(path, _recorded_digest(metadata))
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise AdapterFileError(f"{weights}: {key} has dtype {tensor.dtype}; adapter tensors are floating point")
-    transposed = metadata.get(TRANSPOSED_MODULES)
-    try:
-        transposed = frozenset(json.loads(transposed)) if transposed is not None else None
-    except (ValueError, TypeError):
-        raise AdapterFileError(f"{weights}: its {TRANSPOSED_MODULES} metadata is not a JSON list") from None
-    return AdapterFiles(config, tensors, transposed)
+    return data, tensors, metadata
+
+
+def adapter_base_name(directory: str | Path) -> str:
+    """The base model an adapter directory of any kind says it was trained on ("" if it does not say)."""
+    return str(_raw_config(directory).get("base_model_name_or_path") or "")
+
+
+def adapter_kind(directory: str | Path) -> str:
+    """The peft_type an adapter directory's config names ("LORA", "IA3", "PROMPT_TUNING", ...)."""
+    kind = _raw_config(directory).get("peft_type", "LORA")
+    if not isinstance(kind, str):
+        raise AdapterFileError(f"{directory}: peft_type in {CONFIG_NAME} must be a string")
+    return kind
+
+
+def _raw_config(directory: str | Path) -> dict:
+    """adapter_config.json as JSON, unchecked against the weights (for what it says about itself)."""
+    path = _adapter_dir(directory)
+    for name in (CONFIG_NAME, NEXT_CONFIG_NAME):
+        if (path / name).is_file():
+            return _json_object((path / name).read_bytes(), path / name)
+    raise _no_config(path)
 
 
 def read_adapter_header(directory: str | Path) -> tuple[LoraConfig, dict[str, tuple[tuple[int, ...], str]], int]:

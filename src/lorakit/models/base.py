@@ -22,7 +22,8 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.files.atomic import fsync_directory, fsync_tree
-from lorakit.files.peft_format import load_adapter, read_adapter_config
+from lorakit.files.peft_format import adapter_base_name, read_adapter_config
+from lorakit.methods.method import method_of_directory
 from lorakit.models.compress import is_compressed_directory, load_compressed
 from lorakit.models.quantized import (
     QuantSpec,
@@ -168,18 +169,25 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def load_for_inference(base: str | None, adapter: str | Path | None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) in eval mode on the best device, with ``adapter`` loaded if given.
-    A QA-LoRA adapter gets its base quantized as it was in training (unless ``base`` already is)."""
-    config = read_adapter_config(adapter) if adapter is not None else None
+    """(model, tokenizer) in eval mode on the best device, with ``adapter`` loaded if given: a LoRA,
+    IA³, prompt, prefix or bottleneck adapter directory, or the model directory full fine-tuning
+    wrote (then it is the model, and ``base`` must be left out). A QA-LoRA adapter gets its base
+    quantized as it was in training (unless ``base`` already is)."""
+    method = method_of_directory(adapter) if adapter is not None else None
+    if method is not None and method.name == "full":
+        if base is not None:
+            raise BaseModelError(f"{adapter} is a whole fine-tuned model; give it alone (leave out --base)")
+        base, adapter, method = str(adapter), None, None
+    config = read_adapter_config(adapter) if method is not None and method.name == "lora" else None
     quant = None
     if config is not None and config.qalora_group_size and not is_quantized_directory(base or "."):
         quant = QuantSpec(config.qalora_bits or 4, config.qalora_group_size)
     model, tokenizer = load_base(base, dtype, quant)
-    if adapter is not None:
-        recorded = config.base_model_name_or_path
+    if method is not None:
+        recorded = config.base_model_name_or_path if config is not None else adapter_base_name(adapter)
         if recorded and recorded != str(model.name_or_path):
             print(f"lorakit: warning: {adapter} was trained on {recorded}, not {model.name_or_path}", file=sys.stderr)
-        load_adapter(model, adapter)
+        method.load(model, Path(adapter))
     model.config.use_cache = True
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer

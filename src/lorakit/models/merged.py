@@ -1,5 +1,8 @@
 """Deploying an adapter: merge it into its base and write a model that needs no lorakit to run.
 
+LoRA and IA³ adapters merge (IA³'s scaling vectors fold into their layers' weights exactly);
+prompt, prefix and bottleneck adapters cannot, and are refused with the reason.
+
 A QA-LoRA adapter merges exactly into its quantized base (each group's min moves, codes and scales
 stay), so the result is still N-bit. A plain LoRA adapter merges into float weights, written as an
 ordinary transformers model, or re-quantized afterwards (QLoRA's way, which moves the weights off
@@ -20,6 +23,8 @@ from lorakit.core.merge import merge_and_unload
 from lorakit.errors import ConfigError
 from lorakit.files.atomic import atomic_directory
 from lorakit.files.peft_format import read_adapter_config
+from lorakit.methods.ia3 import merge_ia3
+from lorakit.methods.method import method_of_directory
 from lorakit.models.base import gguf_source, load_for_inference
 from lorakit.models.gguf_export import export_q4_1_gguf
 from lorakit.models.quantized import QuantSpec, quantized_spec, save_quantized
@@ -64,7 +69,16 @@ def merge_to_directory(base: str | None, adapter: str | Path, output: Path, requ
     for path in (output, gguf):
         if path is not None and path.exists() and not overwrite:
             raise ConfigError(f"{path} exists; pass --overwrite to replace it")
-    check_merge_settings(read_adapter_config(adapter), requantize, group_size, gguf, fp32_mins)
+    method = method_of_directory(adapter)
+    if method.name == "full":
+        raise ConfigError(f"{adapter} is already a whole model (full fine-tuning); there is nothing to merge")
+    if not method.mergeable:
+        raise ConfigError(f"{adapter} is a {method.name} adapter, which cannot be merged into the weights (its "
+                          "virtual tokens or bottleneck layers stay beside them); use it unmerged, with --adapter")
+    if method.name == "lora":
+        check_merge_settings(read_adapter_config(adapter), requantize, group_size, gguf, fp32_mins)
+    elif fp32_mins:
+        raise ConfigError("--fp32-mins applies to QA-LoRA adapters only")
     template = gguf_source(base) if gguf is not None else None
     model, tokenizer = load_for_inference(base, adapter)
     model = model.cpu()
@@ -73,7 +87,7 @@ def merge_to_directory(base: str | None, adapter: str | Path, output: Path, requ
     probe = tokenizer(PROBE, return_tensors="pt").input_ids
     with torch.no_grad():
         before = model(probe).logits.float()
-        model = merge_and_unload(model)
+        model = merge_and_unload(model) if method.name == "lora" else merge_ia3(model)
         if requantize:
             quantize_linears(model, requantize, group_size)
         after = model(probe).logits.float()

@@ -29,6 +29,7 @@ from lorakit.core.adapters import delete_adapter
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError
 from lorakit.files.peft_format import (
     AdapterFiles,
+    adapter_kind,
     load_adapter,
     read_adapter,
     split_adapter_key,
@@ -154,6 +155,11 @@ class AdapterRegistry:
 
     def _read_checked(self, directory: Path) -> tuple[AdapterFiles, int, int]:
         """(the adapter's files as read, its rank, its bytes in memory), or AdapterFileError."""
+        kind = adapter_kind(directory)
+        if kind != "LORA":
+            raise AdapterFileError(f"{directory}: a {kind} adapter; lorakit serve batches LoRA adapters only (merge an "
+                                   "IA3 adapter into the base with lorakit merge and serve that as --base; prompt, "
+                                   "prefix and bottleneck adapters cannot be served)")
         files = read_adapter(directory, max_bytes=self._max_file_bytes)
         config, tensors = files.config, files.tensors
         if config.modules_to_save or config.bias != "none":

@@ -1,6 +1,7 @@
 """Checkpoints that a crash cannot corrupt, and that resume a run exactly.
 
-    OUTPUT/checkpoints/step-000050/  adapter (PEFT format), optimizer.safetensors, state.json
+    OUTPUT/checkpoints/step-000050/  what trains, in its method's files (an adapter in PEFT's format
+                                     for LoRA), optimizer.safetensors, state.json
     OUTPUT/checkpoints/latest        "step-000050", replaced atomically after the directory is complete
 
 A checkpoint directory is written under a temporary name and renamed into place; only then does
@@ -36,7 +37,7 @@ from lorakit.files.atomic import (
     replace_directory,
     temporary_name,
 )
-from lorakit.files.peft_format import read_adapter, save_adapter
+from lorakit.methods.method import Method
 from lorakit.train.distributed import full, gathered, shard_like
 
 CHECKPOINTS = "checkpoints"
@@ -67,14 +68,15 @@ def capture(slots: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) ->
     return TrainingState(gathered(slots), _optimizer_tensors(slots, optimizer))
 
 
-def save_checkpoint(output: Path, model: nn.Module, state: TrainingState, step: int, config: dict) -> Path:
+def save_checkpoint(output: Path, method: Method, model: nn.Module, state: TrainingState, step: int,
+                    config: dict) -> Path:
     root = output / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     final = root / name
     tmp = temporary_name(final)
     try:
-        save_adapter(model, tmp, tensors=state.adapter)
+        method.save(model, tmp, tensors=state.adapter)
         with atomic_path(tmp / OPTIMIZER_FILE) as path:
             save_file(state.optimizer, str(path))
         atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, "config": config}, indent=2) + "\n")
@@ -103,9 +105,10 @@ def latest_checkpoint(output: Path) -> Checkpoint | None:
                               "start again without --resume") from None
 
 
-def restore(checkpoint: Checkpoint, slots: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-    """Put the adapter weights, optimizer state and RNG states of ``checkpoint`` back in place."""
-    tensors = read_adapter(checkpoint.directory).tensors
+def restore(checkpoint: Checkpoint, method: Method, slots: dict[str, nn.Parameter],
+            optimizer: torch.optim.Optimizer) -> None:
+    """Put the trained weights, optimizer state and RNG states of ``checkpoint`` back in place."""
+    tensors = method.read(checkpoint.directory)
     try:
         saved = load_file(str(checkpoint.directory / OPTIMIZER_FILE))
     except (SafetensorError, OSError) as err:

@@ -18,6 +18,7 @@ from lorakit.argtypes import finite_float
 from lorakit.core.checks import check_int, check_number
 from lorakit.core.config import LoraConfig
 from lorakit.errors import ConfigError
+from lorakit.methods.method import METHOD_NAMES, MethodSettings, method_named
 from lorakit.quant.groupwise import QuantSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -40,13 +41,21 @@ class TrainConfig:
     r: int = _doc("LoRA rank", 16)
     alpha: float = _doc("LoRA alpha; the update is scaled by alpha / r", 32.0)
     dropout: float = _doc("dropout on the adapters' input", 0.0)
+    method: str = _doc("how to adapt the model: lora, full (every weight), prompt (prompt tuning), prefix (prefix "
+                       "tuning), ia3 or adapter (bottleneck adapters); r, alpha, dropout and target_modules are "
+                       "LoRA's", "lora")
+    num_virtual_tokens: int = _doc("prompt and prefix tuning: virtual tokens before every input", 20)
+    adapter_size: int = _doc("bottleneck adapters: the bottleneck's width", 64)
+    adapter_placement: str = _doc("bottleneck adapters: after each layer's FFN (ffn, Pfeiffer) or after its "
+                                  "attention too (both, Houlsby)", "ffn")
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
         "help": "modules to adapt: all-linear, or names such as q_proj v_proj"})
     epochs: int = _doc("passes over the training data (when max_steps is 0)", 1)
     max_steps: int = _doc("optimizer steps to take; 0 means epochs x steps per epoch", 0)
     batch_size: int = _doc("examples per forward pass", 8)
     grad_accum: int = _doc("forward passes per optimizer step (effective batch = batch_size x grad_accum)", 1)
-    lr: float = _doc("peak learning rate of AdamW", 1e-3)
+    lr: float = _doc("peak learning rate of AdamW (0: the method's own default: lora 1e-3, full 5e-5, prompt 3e-2, "
+                     "prefix 1e-2, ia3 5e-3, adapter 1e-3)", 0.0)
     weight_decay: float = _doc("AdamW weight decay on the adapter matrices", 0.0)
     warmup_steps: int = _doc("steps of linear warm-up from 0 to lr", 10)
     min_lr_ratio: float = _doc("the cosine decay ends at lr x this", 0.1)
@@ -87,7 +96,16 @@ class TrainConfig:
             check_int(name, getattr(self, name), minimum=1)
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "seed", "threads", "quant_bits"):
             check_int(name, getattr(self, name), minimum=0)
-        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("lr", self.lr, low=0)
+        if self.method not in METHOD_NAMES:
+            raise ConfigError(f"method must be one of {', '.join(METHOD_NAMES)}; got {self.method!r}")
+        if self.method != "lora" and (self.quant_bits or self.parallel == "fsdp" or self.task != "causal-lm"):
+            raise ConfigError(f"method {self.method}: quant_bits (QA-LoRA), parallel fsdp and image classification "
+                              "train LoRA only; use method lora or leave those settings out")
+        check_int("num_virtual_tokens", self.num_virtual_tokens, minimum=1)
+        check_int("adapter_size", self.adapter_size, minimum=1)
+        if self.adapter_placement not in ("ffn", "both"):
+            raise ConfigError(f"adapter_placement must be ffn or both; got {self.adapter_placement!r}")
         check_number("weight_decay", self.weight_decay, low=0)
         check_number("max_grad_norm", self.max_grad_norm, low=0)
         check_number("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
@@ -104,6 +122,14 @@ class TrainConfig:
         if self.target_modules == ["all-linear"]:
             return "all-linear"
         return tuple(self.target_modules)
+
+    @property
+    def learning_rate(self) -> float:
+        """lr, or the method's own default when lr is 0."""
+        return self.lr or method_named(self.method).default_lr
+
+    def method_settings(self) -> MethodSettings:
+        return MethodSettings(self.num_virtual_tokens, self.adapter_size, self.adapter_placement, self.seed)
 
     def quant_spec(self) -> QuantSpec | None:
         return QuantSpec(self.quant_bits, self.quant_group_size) if self.quant_bits else None

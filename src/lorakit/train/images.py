@@ -25,6 +25,7 @@ from lorakit.data.images import image_set, model_input
 from lorakit.evaluation.images import TASK_FILE, evaluate_images
 from lorakit.files.atomic import atomic_write_text
 from lorakit.files.peft_format import adapter_slots, save_adapter
+from lorakit.methods.lora import LoraMethod
 from lorakit.models.mobilenet_v2 import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -68,13 +69,13 @@ def train_images(config: TrainConfig, resume: bool = False, overwrite: bool = Fa
                                task_type=None)
     model = inject(model, lora, name=ADAPTER_NAME).to(device)
     slots = adapter_slots(model, ADAPTER_NAME)
-    optimizer = torch.optim.AdamW(slots.values(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(slots.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
     per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.max_steps or math.ceil(config.epochs * per_epoch / config.grad_accum)
     start = 0
     if checkpoint is not None:
-        restore(checkpoint, slots, optimizer)
+        restore(checkpoint, LoraMethod(lora), slots, optimizer)
         start = checkpoint.step
     output.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(output, resume_step=start if checkpoint else None)
@@ -102,7 +103,7 @@ def train_images(config: TrainConfig, resume: bool = False, overwrite: bool = Fa
     _train_mode(model)
     for step in range(start, end):
         started = time.perf_counter()
-        lr = config.lr * lr_factor(step, total_steps, config.warmup_steps, config.min_lr_ratio)
+        lr = config.learning_rate * lr_factor(step, total_steps, config.warmup_steps, config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss, correct, seen = 0.0, 0, 0
@@ -133,7 +134,7 @@ def train_images(config: TrainConfig, resume: bool = False, overwrite: bool = Fa
             _train_mode(model)
         if done == end or (config.save_every and done % config.save_every == 0):
             metrics.sync()
-            save_checkpoint(output, model, capture(slots, optimizer), done, config.to_dict())
+            save_checkpoint(output, LoraMethod(lora), model, capture(slots, optimizer), done, config.to_dict())
             last_saved = done
         if bar is not None:
             recent = losses[-10:]

@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.core.inject import inject
 from lorakit.core.layers.dropout import assign_layer_keys, row_key, set_row_keys
 from lorakit.data.batches import Batch, collate, epoch_batches
 from lorakit.data.tokenize import padding_id, tokenize_file
 from lorakit.errors import ConfigError
-from lorakit.files.peft_format import adapter_slots, save_adapter
+from lorakit.methods.method import method_named
 from lorakit.models.base import load_base
 from lorakit.train import distributed
 from lorakit.train.checkpoint import (
@@ -45,8 +44,6 @@ from lorakit.train.run import (
     progress_bar,
     refuse_to_clobber,
 )
-
-ADAPTER_NAME = "default"
 
 
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
@@ -93,21 +90,22 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
     train_set = tokenize_file(config.train, tokenizer, config.max_length)
     val_set = tokenize_file(config.val, tokenizer, config.max_length) if config.val else []
 
-    model = inject(model, config.lora.replace(base_model_name_or_path=str(model.name_or_path)), name=ADAPTER_NAME)
+    method = method_named(config.method, config.lora)
+    model = method.attach(model, config.method_settings())
     dropouts = assign_layer_keys(model)  # named before any wrapping, so every process names them alike
     model.config.use_cache = False
     if config.gradient_checkpointing:
         _enable_activation_checkpointing(model)
     loss_of = distributed.loss_function(model, world, config.parallel)  # moves (or shards) the model to the device
-    slots = adapter_slots(model, ADAPTER_NAME)  # file key -> Parameter: what trains, is saved and checkpointed
-    optimizer = torch.optim.AdamW(slots.values(), lr=config.lr, weight_decay=config.weight_decay)
+    slots = method.slots(model)  # file key -> Parameter: what trains, is saved and checkpointed
+    optimizer = torch.optim.AdamW(slots.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
     lengths = [len(e) for e in train_set]
     per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.max_steps or math.ceil(config.epochs * per_epoch / config.grad_accum)
     start = 0
     if checkpoint is not None:
-        restore(checkpoint, slots, optimizer)
+        restore(checkpoint, method, slots, optimizer)
         start = checkpoint.step
     if world.is_main:
         output.mkdir(parents=True, exist_ok=True)
@@ -142,7 +140,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
     model.train()
     for step in range(start, end):
         started = time.perf_counter()
-        lr = config.lr * lr_factor(step, total_steps, config.warmup_steps, config.min_lr_ratio)
+        lr = config.learning_rate * lr_factor(step, total_steps, config.warmup_steps, config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [batch_at(step * config.grad_accum + k) for k in range(config.grad_accum)]
@@ -182,7 +180,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
             state = capture(slots, optimizer)
             if world.is_main:
                 metrics.sync()  # the metrics a resume from this checkpoint keeps are on disk first
-                save_checkpoint(output, model, state, done, config.to_dict())
+                save_checkpoint(output, method, model, state, done, config.to_dict())
             last_saved = done
         if bar is not None:
             bar.set_postfix_str(_postfix(losses, val_loss, tokens / seconds), refresh=False)
@@ -193,7 +191,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
     adapter = distributed.gathered(slots) if end == total_steps else None
     if world.is_main:
         if adapter is not None:
-            save_adapter(model, output, ADAPTER_NAME, tensors=adapter)
+            method.save(model, output, tensors=adapter, tokenizer=tokenizer)
         plot_losses(output / METRICS_FILE, output / PLOT_FILE)
     return TrainResult(output, end, total_steps, losses, val_loss)
 
@@ -221,7 +219,8 @@ def _summary(model: nn.Module, examples: int, total_steps: int, config: TrainCon
              processes: int) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     everything = sum(p.numel() for p in model.parameters())
-    text = (f"lorakit: training {trainable / 1e6:.2f}M adapter parameters ({100 * trainable / everything:.2f}% "
+    what = "parameters" if config.method == "full" else f"{config.method} parameters"
+    text = (f"lorakit: training {trainable / 1e6:.2f}M {what} ({100 * trainable / everything:.2f}% "
             f"of {everything / 1e6:.0f}M) on {examples} examples for {total_steps} steps of "
             f"{config.batch_size}x{config.grad_accum} on {device}")
     if processes > 1:

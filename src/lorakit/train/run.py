@@ -69,7 +69,8 @@ def refuse_to_clobber(output: Path, overwrite: bool) -> None:
     if overwrite:  # a stale checkpoint must not be resumed later as if it were this run's
         shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
         return
-    previous = [p.name for p in (output / METRICS_FILE, output / CHECKPOINTS, output / "adapter_model.safetensors")
+    previous = [p.name for p in (output / METRICS_FILE, output / CHECKPOINTS, output / "adapter_model.safetensors",
+                                 output / "model.safetensors")
                 if p.exists()]
     if previous:
         raise ConfigError(f"{output} already holds a run ({', '.join(previous)}); pass --resume to continue it, "

@@ -1,0 +1,47 @@
+"""LoRA against its alternatives on the demo task, on this machine: `lorakit compare` on the demo
+recipe (SmolLM2-135M-Instruct, the orders data, 120 steps for every method), its table and chart
+kept in bench/results/ with the machine and date.
+
+    python bench/compare.py [--methods lora,full,prompt,prefix,ia3,adapter] [--output out/compare]
+
+Rerunning resumes: methods already scored in --output are not trained again (delete it to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.common import RESULTS, machine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", default="lora,full,prompt,prefix,ia3,adapter")
+    parser.add_argument("--output", type=Path, default=ROOT / "out" / "compare")
+    args = parser.parse_args()
+    command = ["lorakit", "compare", "--config", "configs/smollm2-orders.yaml", "--methods", args.methods,
+               "--test", "data/orders/test.jsonl", "--output", str(args.output)]
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "lorakit", *command[1:]], cwd=ROOT, check=True)
+    minutes = (time.perf_counter() - started) / 60
+    table = (args.output / "compare.md").read_text(encoding="utf-8")
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "compare_cpu.md"
+    path.write_text(f"# LoRA among its alternatives: the demo task (SmolLM2-135M-Instruct, orders), cpu\n\n"
+                    f"Command: `python bench/compare.py` (runs `{' '.join(command[:-2])}`)  \n"
+                    f"Machine: {machine()}  \nDate: {time.strftime('%Y-%m-%d')}  \n"
+                    f"Wall time of this run: {minutes:.0f} min (methods already scored in {args.output.name}/ "
+                    "are not trained again)\n\n" + table, encoding="utf-8")
+    shutil.copyfile(args.output / "compare.png", RESULTS / "compare_cpu.png")
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""`lorakit compare`: LoRA against full fine-tuning, prompt and prefix tuning, IA³ and bottleneck adapters."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lorakit.methods.method import METHOD_NAMES
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "compare",
+        help="train several methods (LoRA, full, prompt, prefix, ia3, adapter) on one recipe and compare them",
+        description="Train each method on the recipe's data with the same number of steps, score each on the "
+        "test split, and print one table: exact match, test and validation loss, trainable parameters, stored "
+        "size, step time, peak training memory, added forward latency unmerged and merged, and whether "
+        "`lorakit serve` serves it. Writes OUTPUT/compare.md and OUTPUT/compare.png; each method's run lies in "
+        "OUTPUT/METHOD. Run the same command again to resume an interrupted comparison. LoRA uses the recipe's "
+        "learning rate, every other method its own default.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, required=True, help="training recipe (YAML), as for lorakit train")
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated methods to compare")
+    parser.add_argument("--test", type=Path, default=Path("data/orders/test.jsonl"), help="JSONL split to score on")
+    parser.add_argument("--max-steps", type=int, help="steps for every method (default: the recipe's max_steps)")
+    parser.add_argument("--limit", type=int, help="score the first N test examples only")
+    parser.add_argument("--output", type=Path, default=Path("out/compare"), help="directory for every run and "
+                        "the table")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="draw no progress bars")
+    parser.set_defaults(run=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from lorakit.errors import ConfigError
+    from lorakit.files.atomic import atomic_write_text
+    from lorakit.train.compare import compare
+    from lorakit.train.compare_report import markdown, plot
+
+    if args.limit is not None and args.limit < 1 or args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError("--limit and --max-steps must be at least 1")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    comparison = compare(args.config, methods, args.output, args.test, args.max_steps, args.limit, args.progress)
+    table = markdown(comparison)
+    atomic_write_text(args.output / "compare.md", table)
+    chart = plot(comparison, args.output / "compare.png")
+    print(table)
+    print(f"written: {args.output / 'compare.md'}" + (f", {chart}" if chart else ""))
+    return 0

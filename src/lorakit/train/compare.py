@@ -1,0 +1,171 @@
+"""`lorakit compare`: every method trained on one recipe's data with the same step budget, then scored.
+
+Each method trains in its own process (``lorakit train --method M``), so its peak memory is its own
+(the process's peak resident set, read from the kernel when it exits) and a crash or Ctrl-C loses
+only that method's run: a method already scored is not trained again, one interrupted resumes from
+its last checkpoint. Everything else is measured here, on the same test split for every method:
+exact match and loss, trainable parameters, the size of what must be stored, median step time (from
+the run's metrics), and the latency of one forward pass over a 128-token prompt, unmerged and
+(where the method merges) merged, against the base model's.
+
+Learning rates: LoRA takes the recipe's; every other method its own default (``lorakit train --help``),
+since a rate tuned for LoRA is far too large for full fine-tuning and far too small for soft prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.core.merge import merge
+from lorakit.data.records import read_records
+from lorakit.errors import ConfigError
+from lorakit.evaluation.evaluate import score_model
+from lorakit.files.atomic import atomic_write_text
+from lorakit.methods.ia3 import merge_ia3
+from lorakit.methods.method import METHOD_NAMES, method_of_directory
+from lorakit.models.base import load_for_inference
+from lorakit.train.checkpoint import latest_checkpoint
+from lorakit.train.config import TrainConfig, from_sources
+from lorakit.train.metrics import METRICS_FILE, read_metrics
+
+RESULT_FILE = "compare.json"
+PROBE_TOKENS = 128
+
+
+@dataclass
+class MethodResult:
+    method: str
+    exact_match: float
+    test_loss: float
+    val_loss: float | None
+    trainable: int
+    stored_bytes: int
+    step_seconds: float  # median over the run
+    train_seconds: float  # the training process, start to end
+    peak_bytes: int  # the training process's peak resident set
+    latency: float  # seconds per forward of the probe, unmerged
+    merged_latency: float | None  # the same after merging; None: the method does not merge
+    mergeable: bool
+    servable: bool
+    steps: int
+
+
+@dataclass
+class Comparison:
+    results: list[MethodResult]
+    base_exact_match: float
+    base_latency: float
+    examples: int
+    settings: dict  # what every method shared
+
+
+def compare(recipe: Path, methods: list[str], output: Path, test: Path, max_steps: int | None = None,
+            limit: int | None = None, progress: bool = True) -> Comparison:
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown or not methods:
+        raise ConfigError(f"--methods takes a comma-separated list of {', '.join(METHOD_NAMES)}; got {unknown or '-'}")
+    config = from_sources(recipe, None)
+    if max_steps:
+        config = TrainConfig(**{**config.to_dict(), "max_steps": max_steps})
+    records = read_records(test)[:limit]
+    output.mkdir(parents=True, exist_ok=True)
+    base, tokenizer = load_for_inference(config.base, None)
+    probe = _probe(tokenizer, base)
+    base_score = score_model(base, tokenizer, records, "base model", config.batch_size, progress)
+    base_latency = _latency(base, probe)
+    del base
+    bar = _bar(len(methods), progress)
+    results = []
+    for method in methods:
+        if bar is not None:
+            bar.set_description(f"compare: {method}")
+        results.append(_result(method, recipe, config, output / method, records, probe, tokenizer, progress))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    settings = {"base": config.base, "train": config.train, "test": str(test), "steps": config.max_steps,
+                "batch_size": config.batch_size, "grad_accum": config.grad_accum, "max_length": config.max_length}
+    return Comparison(results, base_score.exact_match, base_latency, len(records), settings)
+
+
+def _result(method: str, recipe: Path, config: TrainConfig, directory: Path, records: list[dict],
+            probe: torch.Tensor, tokenizer, progress: bool) -> MethodResult:
+    saved = directory / RESULT_FILE
+    if saved.is_file():  # scored before: a comparison resumes where it stopped
+        data = json.loads(saved.read_text(encoding="utf-8"))
+        if data.get("steps") == config.max_steps and data.get("examples") == len(records):
+            return MethodResult(**{k: v for k, v in data.items() if k != "examples"})
+    peak, seconds = _train_in_own_process(method, recipe, config, directory, progress)
+    model, _ = load_for_inference(None if method == "full" else config.base, directory)
+    trained = method_of_directory(directory)
+    trainable = sum(p.numel() for p in (model.parameters() if method == "full" else trained.slots(model).values()))
+    score = score_model(model, tokenizer, records, method, config.batch_size, progress)
+    latency = _latency(model, probe)
+    merged = None
+    if trained.mergeable and method != "full":
+        merge(model) if method == "lora" else merge_ia3(model)
+        merged = _latency(model, probe)
+    metrics = read_metrics(directory / METRICS_FILE)
+    steps = [r["tokens"] / r["tokens_per_s"] for r in metrics if r.get("tokens_per_s")]
+    val = [r["val_loss"] for r in metrics if "val_loss" in r]
+    stored = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+    result = MethodResult(method, score.exact_match, score.loss, val[-1] if val else None, trainable, stored,
+                          statistics.median(steps), seconds, peak, latency, merged, trained.mergeable,
+                          trained.servable, config.max_steps)
+    atomic_write_text(saved, json.dumps({**asdict(result), "examples": len(records)}, indent=2) + "\n")
+    return result
+
+
+def _train_in_own_process(method: str, recipe: Path, config: TrainConfig, directory: Path,
+                          progress: bool) -> tuple[int, float]:
+    """(peak resident bytes, seconds) of ``lorakit train --method METHOD`` into ``directory``."""
+    lr = config.lr if method == "lora" else 0.0  # 0: the method's own default
+    command = [sys.executable, "-m", "lorakit", "train", "--config", str(recipe), "--method", method,
+               "--output", str(directory), "--max-steps", str(config.max_steps), "--lr", repr(lr)]
+    command.append("--resume" if latest_checkpoint(directory) is not None else "--overwrite")
+    if not progress:
+        command.append("--no-progress")
+    started = time.perf_counter()
+    child = subprocess.Popen(command)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise ConfigError(f"training {method} failed (exit status {child.returncode}; its error is above); run "
+                          "the same command again to resume the comparison")
+    return usage.ru_maxrss * 1024, time.perf_counter() - started  # ru_maxrss is in KiB on Linux
+
+
+def _probe(tokenizer, model) -> torch.Tensor:
+    """A fixed 128-token input: the latency probe every method is timed on."""
+    ids = tokenizer("Please deliver " * PROBE_TOKENS, add_special_tokens=False).input_ids[:PROBE_TOKENS]
+    return torch.tensor([ids], device=next(model.parameters()).device)
+
+
+@torch.no_grad()
+def _latency(model, probe: torch.Tensor, repeats: int = 7) -> float:
+    """Median seconds of one forward pass over the probe (after one warm-up pass)."""
+    model(input_ids=probe)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model(input_ids=probe)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _bar(total: int, progress: bool):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="compare", unit="method", file=sys.stderr, position=0)

@@ -1,0 +1,71 @@
+"""The comparison as a markdown table and a chart (accuracy against trainable parameters)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorakit.train.compare import Comparison
+
+NAMES = {"lora": "LoRA", "full": "full fine-tuning", "prompt": "prompt tuning", "prefix": "prefix tuning",
+         "ia3": "IA³", "adapter": "bottleneck adapters"}
+
+
+def markdown(comparison: Comparison) -> str:
+    s = comparison.settings
+    lines = [(f"Base model exact match: {100 * comparison.base_exact_match:.1f}% on {comparison.examples} examples of "
+             f"{s['test']}; every method: {s['steps']} steps of {s['batch_size']}x{s['grad_accum']} examples of "
+             f"{s['train']} on {s['base']}."), "",
+             ("| method | exact match | test loss | val loss | trainable parameters | stored | step time | "
+             "peak memory (training) | forward, unmerged | merged | served by `lorakit serve` |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in comparison.results:
+        val = f"{r.val_loss:.3f}" if r.val_loss is not None else "-"
+        merged = _latency(r.merged_latency, comparison.base_latency) if r.merged_latency is not None else "cannot merge"
+        if r.method == "full":
+            merged = "is the model"
+        served = {"lora": "yes, batched beside other adapters", "full": "yes, as the base",
+                  "ia3": "merged into the base, as the base"}.get(r.method, "no")
+        lines.append(f"| {NAMES[r.method]} | {100 * r.exact_match:.1f}% | {r.test_loss:.3f} | {val} | "
+                     f"{r.trainable:,} | {_size(r.stored_bytes)} | {1000 * r.step_seconds:.0f} ms | "
+                     f"{_size(r.peak_bytes)} | {_latency(r.latency, comparison.base_latency)} | {merged} | {served} |")
+    lines += ["", (f"Forward: one pass over a 128-token prompt, median of 7, against the base model's "
+                  f"{1000 * comparison.base_latency:.0f} ms. Peak memory: the training process's peak resident set.")]
+    return "\n".join(lines) + "\n"
+
+
+def _latency(seconds: float, base: float) -> str:
+    return f"{1000 * seconds:.0f} ms ({100 * (seconds / base - 1):+.0f}%)"
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+def plot(comparison: Comparison, path: Path) -> Path | None:
+    """Exact match against trainable parameters (log scale), one point per method; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for r in comparison.results:
+        axis.scatter(r.trainable, 100 * r.exact_match, s=60)
+        axis.annotate(NAMES[r.method], (r.trainable, 100 * r.exact_match), textcoords="offset points",
+                      xytext=(6, 4))
+    axis.axhline(100 * comparison.base_exact_match, color="grey", linestyle="--", label="base model")
+    axis.set_xscale("log")
+    axis.set_xlabel("trainable parameters")
+    axis.set_ylabel("exact match on the test split (%)")
+    axis.set_title(f"{comparison.settings['steps']} steps each on {Path(comparison.settings['train']).name}")
+    axis.legend(loc="lower right")
+    axis.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,31 @@
+"""`lorakit compare` on the tiny model: one table over every method named, a chart, and a rerun that
+resumes instead of training again."""
+
+import json
+
+from lorakit.cli import main
+from tests.conftest import write_orders_recipe
+
+
+def test_compare_trains_each_method_scores_it_and_resumes(tiny_base_dir, tmp_path, capsys):
+    recipe = write_orders_recipe(tmp_path, tiny_base_dir, "recipe.yaml", eval_every=0, save_every=0)
+    output = tmp_path / "compare"
+    argv = ["compare", "--config", str(recipe), "--methods", "lora,ia3,prompt,full", "--test",
+            str(tmp_path / "val.jsonl"), "--max-steps", "2", "--output", str(output), "--no-progress"]
+    assert main(argv) == 0
+    table = (output / "compare.md").read_text()
+    assert table in capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| LoRA", "| IA³", "| prompt tuning", "| full fine-tuning"]
+    assert "cannot merge" in rows[2] and "is the model" in rows[3]
+    assert (output / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = {m: json.loads((output / m / "compare.json").read_text()) for m in ("lora", "ia3", "prompt", "full")}
+    assert results["ia3"]["trainable"] < results["lora"]["trainable"] < results["full"]["trainable"]
+    assert results["full"]["stored_bytes"] > 10 * results["lora"]["stored_bytes"]
+    assert all(r["peak_bytes"] > 0 and r["steps"] == 2 and r["examples"] == 4 for r in results.values())
+    assert results["ia3"]["merged_latency"] is not None and results["prompt"]["merged_latency"] is None
+
+    written = (output / "lora" / "adapter_model.safetensors").stat().st_mtime_ns
+    assert main(argv) == 0  # everything scored: nothing is trained again
+    assert (output / "lora" / "adapter_model.safetensors").stat().st_mtime_ns == written
+    assert (output / "compare.md").read_text().count("| LoRA |") == 1
