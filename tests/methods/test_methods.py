@@ -4,6 +4,7 @@ and writes PEFT's files where PEFT has the method, and generates as its teacher-
 
 import json
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -37,7 +38,9 @@ LEARNING_RATES = {"full": 1e-2, "ia3": 1e-1, "prompt": 3e-1, "prefix": 3e-1, "ad
 SETTINGS = MethodSettings(num_virtual_tokens=4, adapter_size=8, adapter_placement="both")
 PEFT_CONFIGS = {"ia3": lambda: IA3Config(task_type="CAUSAL_LM"),
                 "prompt": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
-                "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)}
+                "prefix": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+                "prefix-projection": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                                prefix_projection=True, encoder_hidden_size=16)}
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +65,10 @@ def _inputs():
     return ids, mask
 
 
-def _trained(method: str, seed: int = 1):
+def _trained(method: str, seed: int = 1, projection: int = 0):
     """A tiny Llama with ``method`` attached and its trained tensors moved off their start."""
     torch.manual_seed(seed)
-    model = method_named(method).attach(tiny_llama().eval(), SETTINGS)
+    model = method_named(method).attach(tiny_llama().eval(), replace(SETTINGS, prefix_projection=projection))
     with torch.no_grad():
         for param in method_named(method).slots(model).values():
             param.add_(0.3 * torch.randn_like(param))
@@ -113,13 +116,14 @@ def test_save_then_load_gives_identical_outputs_and_disabling_gives_the_base(met
     assert not torch.allclose(_logits(loaded, ids, mask), _logits(base, ids, mask))
 
 
-@pytest.mark.parametrize("method", sorted(PEFT_CONFIGS))
-def test_peft_reads_our_files_and_we_read_peft_s_with_the_same_outputs(method, tmp_path):
+@pytest.mark.parametrize("kind", sorted(PEFT_CONFIGS))
+def test_peft_reads_our_files_and_we_read_peft_s_with_the_same_outputs(kind, tmp_path):
     ids, mask = _inputs()
+    method = kind.split("-")[0]
     virtual = 4 if method == "prompt" else 0  # PEFT's prompt tuning returns logits for the virtual tokens too
     warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)  # PEFT 0.21's prefix path
     torch.manual_seed(1)
-    peft = get_peft_model(tiny_llama().eval(), PEFT_CONFIGS[method]()).eval()
+    peft = get_peft_model(tiny_llama().eval(), PEFT_CONFIGS[kind]()).eval()
     with torch.no_grad():
         for param in peft.parameters():
             if param.requires_grad:
@@ -129,7 +133,7 @@ def test_peft_reads_our_files_and_we_read_peft_s_with_the_same_outputs(method, t
     ours = method_of_directory(tmp_path / "peft").load(tiny_llama().eval(), tmp_path / "peft")
     torch.testing.assert_close(_logits(ours, ids, mask), _logits(peft, ids, mask)[:, virtual:], rtol=0, atol=1e-6)
 
-    mine = _trained(method, seed=2)
+    mine = _trained(method, seed=2, projection=16 if kind == "prefix-projection" else 0)
     method_named(method).save(mine, tmp_path / "ours")
     torch.manual_seed(2)
     theirs = PeftModel.from_pretrained(tiny_llama().eval(), tmp_path / "ours").eval()
@@ -164,12 +168,19 @@ def test_generation_with_virtual_tokens_follows_the_teacher_forced_forward(metho
         assert predicted.tolist() == answer
 
 
-def test_resume_is_exact_for_a_method_beside_lora(tiny_base_dir, data_dir, tmp_path):
-    whole = train(_config(tiny_base_dir, data_dir, tmp_path / "whole", "prefix", max_steps=6))
-    stopped = train(_config(tiny_base_dir, data_dir, tmp_path / "split", "prefix", max_steps=6), stop_after=3)
+@pytest.mark.parametrize("projection", [0, 16])
+def test_resume_is_exact_for_a_method_beside_lora(tiny_base_dir, data_dir, tmp_path, projection):
+    """Prefix tuning, directly and through PEFT's MLP (whose weights the file does not hold: the
+    checkpoint keeps them beside it)."""
+    def config(name):
+        return _config(tiny_base_dir, data_dir, tmp_path / name, "prefix", max_steps=6, prefix_projection=projection)
+
+    whole = train(config("whole"))
+    stopped = train(config("split"), stop_after=3)
     assert latest_checkpoint(tmp_path / "split").step == 3
-    resumed = train(_config(tiny_base_dir, data_dir, tmp_path / "split", "prefix", max_steps=6), resume=True)
+    resumed = train(config("split"), resume=True)
     assert stopped.losses + resumed.losses == whole.losses
+    assert (latest_checkpoint(tmp_path / "split").directory / "trainable.safetensors").is_file() == bool(projection)
 
 
 def test_settings_that_only_lora_has_are_refused_for_other_methods(tiny_base_dir, data_dir, tmp_path):

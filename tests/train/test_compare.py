@@ -22,10 +22,26 @@ def test_compare_trains_each_method_scores_it_and_resumes(tiny_base_dir, tmp_pat
     results = {m: json.loads((output / m / "compare.json").read_text()) for m in ("lora", "ia3", "prompt", "full")}
     assert results["ia3"]["trainable"] < results["lora"]["trainable"] < results["full"]["trainable"]
     assert results["full"]["stored_bytes"] > 10 * results["lora"]["stored_bytes"]
-    assert all(r["peak_bytes"] > 0 and r["steps"] == 2 and r["examples"] == 4 for r in results.values())
+    assert all(r["peak_bytes"] > 0 and r["steps"] == 2 and r["run"]["examples"] == 4 for r in results.values())
     assert results["ia3"]["merged_latency"] is not None and results["prompt"]["merged_latency"] is None
 
     written = (output / "lora" / "adapter_model.safetensors").stat().st_mtime_ns
     assert main(argv) == 0  # everything scored: nothing is trained again
     assert (output / "lora" / "adapter_model.safetensors").stat().st_mtime_ns == written
     assert (output / "compare.md").read_text().count("| LoRA |") == 1
+
+
+def test_a_time_budget_gives_each_method_the_steps_that_fit_in_it(tiny_base_dir, tmp_path, capsys):
+    recipe = write_orders_recipe(tmp_path, tiny_base_dir, "recipe.yaml", eval_every=0, save_every=0)
+    output = tmp_path / "compare"
+    assert main(["compare", "--config", str(recipe), "--methods", "ia3,adapter", "--test", str(tmp_path / "val.jsonl"),
+                 "--budget-min", "0.02", "--limit", "2", "--output", str(output), "--no-progress"]) == 0
+    for method in ("ia3", "adapter"):
+        result = json.loads((output / method / "compare.json").read_text())
+        # 1.2 s of steps: how many depends on the machine, but each is its own method's count
+        assert result["run"]["budget_min"] == 0.02 and result["steps"] >= 1
+        assert result["steps"] == len([line for line in (output / method / "metrics.jsonl").read_text().splitlines()
+                                       if '"loss"' in line])
+        assert not (output / f".{method}-calibration").exists()
+    assert "0.02 minutes of training steps" in capsys.readouterr().out
+    assert main(["compare", "--config", str(recipe), "--budget-min", "1", "--max-steps", "3"]) == 2

@@ -28,6 +28,7 @@ class MethodSettings:
     num_virtual_tokens: int = 20  # prompt and prefix tuning: virtual tokens before every input
     adapter_size: int = 64  # bottleneck adapters: the width of the bottleneck
     adapter_placement: str = "ffn"  # bottleneck adapters: after the FFN (Pfeiffer) or "both" (Houlsby)
+    prefix_projection: int = 0  # prefix tuning: hidden width of the MLP that makes the prefix (0: none)
     seed: int = 0
 
 
@@ -53,6 +54,10 @@ class Method:
         """Write what trained to ``directory``; ``tensors`` (by file key) replaces the model's own.
         ``tokenizer`` goes with what is a whole model (full fine-tuning)."""
         raise NotImplementedError
+
+    def saves_slots(self, model: nn.Module) -> bool:
+        """Whether ``save`` writes the slots themselves (else a checkpoint keeps them beside the file)."""
+        return True
 
     def read(self, directory: Path) -> dict[str, torch.Tensor]:
         """The tensors a saved directory holds, by file key (for resuming)."""

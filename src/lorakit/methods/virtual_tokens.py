@@ -30,16 +30,21 @@ from lorakit.files.peft_format import read_adapter_files, write_adapter_files
 from lorakit.methods.method import OFF, Method, MethodSettings, is_off
 
 KEY = "prompt_embeddings"
+ENCODER, ENCODER_INPUT = "prefix_encoder", "prefix_encoder.input"  # slots of a reparameterised prefix
 MODULE = "lorakit_virtual_tokens"  # where the trainable tensor lives in the model
 
 
 class VirtualTokens(nn.Module):
     """The trainable virtual tokens of one model and the hook that puts them before every input."""
 
-    def __init__(self, kind: str, value: torch.Tensor, layers: int, kv_heads: int, head_dim: int) -> None:
+    def __init__(self, kind: str, value: torch.Tensor, layers: int, kv_heads: int, head_dim: int,
+                 encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.kind = kind  # "prompt" or "prefix"
-        self.value = nn.Parameter(value)  # prompt: (n, hidden); prefix: (n, layers * 2 * kv_heads * head_dim)
+        # prompt: (n, hidden); prefix: (n, layers * 2 * kv_heads * head_dim), or with an encoder (n, kv_dim),
+        # which the encoder maps to the prefix
+        self.value = nn.Parameter(value)
+        self.encoder = encoder
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self._running_prompt = False
         setattr(self, OFF, False)
@@ -47,6 +52,10 @@ class VirtualTokens(nn.Module):
     @property
     def count(self) -> int:
         return self.value.shape[0]
+
+    def tokens(self) -> torch.Tensor:
+        """The prompt's embeddings, or the prefix's keys and values (through the encoder, if any)."""
+        return self.value if self.encoder is None else self.encoder(self.value)
 
     def before_forward(self, backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._running_prompt or is_off(self):  # the prompt's own pass through the backbone; switched off
@@ -74,14 +83,14 @@ class VirtualTokens(nn.Module):
         if self.kind == "prompt":
             self._running_prompt = True
             try:
-                backbone(inputs_embeds=self.value.to(dtype).unsqueeze(0), cache=cache, use_cache=True)
+                backbone(inputs_embeds=self.tokens().to(dtype).unsqueeze(0), cache=cache, use_cache=True)
             finally:
                 self._running_prompt = False
             if rows > 1:
                 cache.batch_repeat_interleave(rows)
             return cache
         # (n, 2L * kv_heads * hd) -> (2L, kv_heads, n, hd): layer l's keys at 2l, its values at 2l + 1
-        kv = self.value.to(dtype).view(self.count, 2 * self.layers, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        kv = self.tokens().to(dtype).view(self.count, 2 * self.layers, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
         for layer in range(self.layers):
             keys, values = (kv[2 * layer + i].unsqueeze(0).expand(rows, -1, -1, -1) for i in (0, 1))
             cache.update(keys, values, layer)
@@ -110,12 +119,15 @@ class _VirtualTokenMethod(Method):
     def attach(self, model: nn.Module, settings: MethodSettings) -> nn.Module:
         if settings.num_virtual_tokens < 1:
             raise ConfigError("num_virtual_tokens must be at least 1")
-        return self._attach(model, self.initial_value(model, settings))
+        return self._attach(model, self.initial_value(model, settings), self.encoder(model, settings))
+
+    def encoder(self, model: nn.Module, settings: MethodSettings) -> nn.Module | None:
+        return None
 
     def initial_value(self, model: nn.Module, settings: MethodSettings) -> torch.Tensor:
         raise NotImplementedError
 
-    def _attach(self, model: nn.Module, value: torch.Tensor) -> nn.Module:
+    def _attach(self, model: nn.Module, value: torch.Tensor, encoder: nn.Module | None = None) -> nn.Module:
         backbone = getattr(model, "base_model", None)
         if backbone is None or backbone is model or not hasattr(model, "config"):
             raise ConfigError(f"{self.name} tuning needs a transformers causal LM (a model with a base_model)")
@@ -124,7 +136,7 @@ class _VirtualTokenMethod(Method):
         for p in model.parameters():
             p.requires_grad_(False)
         layers, _, kv_heads, head_dim = _shape(model)
-        tokens = VirtualTokens(self.kind, value.float(), layers, kv_heads, head_dim)
+        tokens = VirtualTokens(self.kind, value.float(), layers, kv_heads, head_dim, encoder)
         model.add_module(MODULE, tokens)
         backbone.register_forward_pre_hook(tokens.before_forward, with_kwargs=True)
         return model
@@ -133,16 +145,31 @@ class _VirtualTokenMethod(Method):
         raise NotImplementedError
 
     def slots(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        return {KEY: virtual_tokens(model).value}
+        tokens = virtual_tokens(model)
+        if tokens.encoder is None:
+            return {KEY: tokens.value}
+        return {ENCODER_INPUT: tokens.value} | {f"{ENCODER}.{name}": p for name, p in tokens.encoder.named_parameters()}
 
+    def saves_slots(self, model: nn.Module) -> bool:
+        return virtual_tokens(model).encoder is None  # with an encoder the file holds its output
+
+    @torch.no_grad()
     def save(self, model: nn.Module, directory: Path, tensors: dict[str, torch.Tensor] | None = None,
              tokenizer=None) -> Path:
-        value = (tensors or {}).get(KEY, virtual_tokens(model).value.detach())
+        tokens = virtual_tokens(model)
+        tensors = tensors if tensors is not None else {key: p.detach() for key, p in self.slots(model).items()}
+        if tokens.encoder is None:
+            value = tensors[KEY]
+        else:  # what the encoder makes of the given tensors (a checkpoint's copies, or the model's own)
+            weights = {key.removeprefix(ENCODER + "."): t for key, t in tensors.items() if key != ENCODER_INPUT}
+            value = torch.func.functional_call(tokens.encoder, weights, (tensors[ENCODER_INPUT],))
         layers, hidden, kv_heads, head_dim = _shape(model)
         config = {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "inference_mode": True,
                   "base_model_name_or_path": str(getattr(model, "name_or_path", "") or ""),
                   "num_virtual_tokens": value.shape[0], "num_transformer_submodules": 1, "num_layers": layers,
-                  **self.file_fields(hidden, kv_heads, head_dim, model.config.num_attention_heads)}
+                  **self.file_fields(hidden, kv_heads, head_dim, model.config.num_attention_heads),
+                  **({"prefix_projection": True, "encoder_hidden_size": tokens.encoder[0].out_features}
+                     if tokens.encoder is not None else {})}
         return write_adapter_files(directory, config, {KEY: value})
 
     def file_fields(self, hidden: int, kv_heads: int, head_dim: int, heads: int) -> dict:
@@ -158,9 +185,8 @@ class _VirtualTokenMethod(Method):
                                    f"{sorted(tensors)[:3]}")
         if data.get("num_transformer_submodules", 1) != 1:
             raise AdapterFileError(f"{directory}: num_transformer_submodules must be 1 (a decoder-only model)")
-        if data.get("prefix_projection"):
-            raise AdapterFileError(f"{directory}: prefix_projection files hold the projection's weights, not the "
-                                   "prefix; save it from PEFT in inference mode, or train without the projection")
+        # With prefix_projection the file still holds the prefix (the encoder's output, as PEFT saves it too):
+        # the encoder only reparameterises training.
         value = tensors[KEY]
         want = self.expected_shape(model, value.shape[0])
         if tuple(value.shape) != want or value.shape[0] != data.get("num_virtual_tokens", value.shape[0]):
@@ -196,11 +222,16 @@ class PrefixTuning(_VirtualTokenMethod):
 
     @torch.no_grad()
     def initial_value(self, model: nn.Module, settings: MethodSettings) -> torch.Tensor:
-        """The keys and values the model itself computes for ``n`` real tokens drawn from the
+        """With an encoder: its input, drawn from N(0, 1) as PEFT's embedding is. Without: the keys and
+        values the model itself computes for ``n`` real tokens drawn from the
         vocabulary: a prefix of the scale attention expects (Li & Liang found initialising from real
         words' activations far more stable than at random, which is PEFT's default)."""
         from transformers import DynamicCache
 
+        if settings.prefix_projection:
+            _, _, kv_heads, head_dim = _shape(model)
+            return torch.randn(settings.num_virtual_tokens, kv_heads * head_dim,
+                               generator=torch.Generator().manual_seed(settings.seed))
         embeddings = model.get_input_embeddings().weight
         ids = torch.randint(0, embeddings.shape[0], (1, settings.num_virtual_tokens),
                             generator=torch.Generator().manual_seed(settings.seed)).to(embeddings.device)
@@ -212,6 +243,18 @@ class PrefixTuning(_VirtualTokenMethod):
     def expected_shape(self, model: nn.Module, count: int) -> tuple[int, int]:
         layers, _, kv_heads, head_dim = _shape(model)
         return count, layers * 2 * kv_heads * head_dim
+
+    def encoder(self, model: nn.Module, settings: MethodSettings) -> nn.Module | None:
+        """PEFT's reparameterisation (``prefix_projection``): an MLP from a (n, kv_dim) embedding to the
+        prefix, which Li & Liang found steadier to train than the prefix itself."""
+        if not settings.prefix_projection:
+            return None
+        layers, _, kv_heads, head_dim = _shape(model)
+        kv_dim = kv_heads * head_dim
+        with torch.random.fork_rng(devices=[]):  # its own draws, leaving the run's random state as it was
+            torch.manual_seed(settings.seed)
+            return nn.Sequential(nn.Linear(kv_dim, settings.prefix_projection), nn.Tanh(),
+                                 nn.Linear(settings.prefix_projection, layers * 2 * kv_dim)).to(model.device)
 
     def file_fields(self, hidden: int, kv_heads: int, head_dim: int, heads: int) -> dict:
         # PEFT describes a grouped-query model's prefix by its key/value heads.

@@ -43,6 +43,7 @@ from lorakit.train.distributed import full, gathered, shard_like
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINABLE_FILE = "trainable.safetensors"  # the trained tensors, where the method's own file holds others
 STATE_FILE = "state.json"
 
 
@@ -77,6 +78,9 @@ def save_checkpoint(output: Path, method: Method, model: nn.Module, state: Train
     tmp = temporary_name(final)
     try:
         method.save(model, tmp, tensors=state.adapter)
+        if not method.saves_slots(model):  # the file holds something made from them (a prefix's MLP output)
+            with atomic_path(tmp / TRAINABLE_FILE) as path:
+                save_file(state.adapter, str(path))
         with atomic_path(tmp / OPTIMIZER_FILE) as path:
             save_file(state.optimizer, str(path))
         atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, "config": config}, indent=2) + "\n")
@@ -108,7 +112,11 @@ def latest_checkpoint(output: Path) -> Checkpoint | None:
 def restore(checkpoint: Checkpoint, method: Method, slots: dict[str, nn.Parameter],
             optimizer: torch.optim.Optimizer) -> None:
     """Put the trained weights, optimizer state and RNG states of ``checkpoint`` back in place."""
-    tensors = method.read(checkpoint.directory)
+    trainable = checkpoint.directory / TRAINABLE_FILE
+    try:
+        tensors = load_file(str(trainable)) if trainable.is_file() else method.read(checkpoint.directory)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{trainable}: unreadable ({err})") from None
     try:
         saved = load_file(str(checkpoint.directory / OPTIMIZER_FILE))
     except (SafetensorError, OSError) as err:

@@ -5,7 +5,7 @@ Each method trains in its own process (``lorakit train --method M``), so its pea
 only that method's run: a method already scored is not trained again, one interrupted resumes from
 its last checkpoint. Everything else is measured here, on the same test split for every method:
 exact match and loss, trainable parameters, the size of what must be stored, median step time (from
-the run's metrics), and the latency of one forward pass over a 128-token prompt, unmerged and
+the run's metrics), and the latency of one forward pass over a 128-token prompt (fastest of 15), unmerged and
 (where the method merges) merged, against the base model's.
 
 Learning rates: LoRA takes the recipe's; every other method its own default (``lorakit train --help``),
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from lorakit.train.config import TrainConfig, from_sources
 from lorakit.train.metrics import METRICS_FILE, read_metrics
 
 RESULT_FILE = "compare.json"
+CALIBRATION_STEPS = 4  # steps of a method's short run that measures its step time for --budget-min
 PROBE_TOKENS = 128
 
 
@@ -69,7 +71,12 @@ class Comparison:
 
 
 def compare(recipe: Path, methods: list[str], output: Path, test: Path, max_steps: int | None = None,
-            limit: int | None = None, progress: bool = True) -> Comparison:
+            limit: int | None = None, progress: bool = True, budget_min: float | None = None) -> Comparison:
+    """Train and score each of ``methods``: ``max_steps`` steps each (default: the recipe's), or with
+    ``budget_min``, as many steps as fit in that many minutes of training for each (measured on a
+    short calibration run of the method first)."""
+    if max_steps and budget_min:
+        raise ConfigError("give --max-steps or --budget-min, not both")
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown or not methods:
         raise ConfigError(f"--methods takes a comma-separated list of {', '.join(METHOD_NAMES)}; got {unknown or '-'}")
@@ -88,23 +95,27 @@ def compare(recipe: Path, methods: list[str], output: Path, test: Path, max_step
     for method in methods:
         if bar is not None:
             bar.set_description(f"compare: {method}")
-        results.append(_result(method, recipe, config, output / method, records, probe, tokenizer, progress))
+        steps = _steps_within(method, recipe, config, output, budget_min, progress) if budget_min else config.max_steps
+        run = {"examples": len(records), "budget_min": budget_min, "steps": None if budget_min else steps}
+        results.append(_result(method, recipe, TrainConfig(**{**config.to_dict(), "max_steps": steps}),
+                               output / method, run, records, probe, tokenizer, progress))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    settings = {"base": config.base, "train": config.train, "test": str(test), "steps": config.max_steps,
+    settings = {"base": config.base, "train": config.train, "test": str(test), "budget_min": budget_min,
+                "steps": None if budget_min else config.max_steps,
                 "batch_size": config.batch_size, "grad_accum": config.grad_accum, "max_length": config.max_length}
     return Comparison(results, base_score.exact_match, base_latency, len(records), settings)
 
 
-def _result(method: str, recipe: Path, config: TrainConfig, directory: Path, records: list[dict],
+def _result(method: str, recipe: Path, config: TrainConfig, directory: Path, run: dict, records: list[dict],
             probe: torch.Tensor, tokenizer, progress: bool) -> MethodResult:
     saved = directory / RESULT_FILE
-    if saved.is_file():  # scored before: a comparison resumes where it stopped
+    if saved.is_file():  # scored before, with the same budget: a comparison resumes where it stopped
         data = json.loads(saved.read_text(encoding="utf-8"))
-        if data.get("steps") == config.max_steps and data.get("examples") == len(records):
-            return MethodResult(**{k: v for k, v in data.items() if k != "examples"})
+        if data.pop("run", None) == run:
+            return MethodResult(**data)
     peak, seconds = _train_in_own_process(method, recipe, config, directory, progress)
     model, _ = load_for_inference(None if method == "full" else config.base, directory)
     trained = method_of_directory(directory)
@@ -122,17 +133,31 @@ def _result(method: str, recipe: Path, config: TrainConfig, directory: Path, rec
     result = MethodResult(method, score.exact_match, score.loss, val[-1] if val else None, trainable, stored,
                           statistics.median(steps), seconds, peak, latency, merged, trained.mergeable,
                           trained.servable, config.max_steps)
-    atomic_write_text(saved, json.dumps({**asdict(result), "examples": len(records)}, indent=2) + "\n")
+    atomic_write_text(saved, json.dumps({**asdict(result), "run": run}, indent=2) + "\n")
     return result
 
 
+def _steps_within(method: str, recipe: Path, config: TrainConfig, output: Path, budget_min: float,
+                  progress: bool) -> int:
+    """How many of ``method``'s steps fit in ``budget_min`` minutes: its median step time over a short
+    run (the first step, which warms up, left out), in a scratch directory removed afterwards."""
+    scratch = output / f".{method}-calibration"
+    short = TrainConfig(**{**config.to_dict(), "max_steps": CALIBRATION_STEPS})
+    _train_in_own_process(method, recipe, short, scratch, progress, ["--val", "", "--save-every", "0"])
+    metrics = read_metrics(scratch / METRICS_FILE)
+    seconds = statistics.median([r["tokens"] / r["tokens_per_s"] for r in metrics if r.get("tokens_per_s")][1:])
+    shutil.rmtree(scratch, ignore_errors=True)
+    return max(1, int(60 * budget_min / seconds))
+
+
 def _train_in_own_process(method: str, recipe: Path, config: TrainConfig, directory: Path,
-                          progress: bool) -> tuple[int, float]:
+                          progress: bool, extra: list[str] = ()) -> tuple[int, float]:
     """(peak resident bytes, seconds) of ``lorakit train --method METHOD`` into ``directory``."""
     lr = config.lr if method == "lora" else 0.0  # 0: the method's own default
     command = [sys.executable, "-m", "lorakit", "train", "--config", str(recipe), "--method", method,
                "--output", str(directory), "--max-steps", str(config.max_steps), "--lr", repr(lr)]
     command.append("--resume" if latest_checkpoint(directory) is not None else "--overwrite")
+    command += extra
     if not progress:
         command.append("--no-progress")
     started = time.perf_counter()
@@ -152,15 +177,16 @@ def _probe(tokenizer, model) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _latency(model, probe: torch.Tensor, repeats: int = 7) -> float:
-    """Median seconds of one forward pass over the probe (after one warm-up pass)."""
+def _latency(model, probe: torch.Tensor, repeats: int = 15) -> float:
+    """Seconds of one forward pass over the probe, the fastest of ``repeats`` after a warm-up pass: on
+    a shared machine other work only ever adds time, so the minimum is the steadiest estimate."""
     model(input_ids=probe)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         model(input_ids=probe)
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return min(times)
 
 
 def _bar(total: int, progress: bool):

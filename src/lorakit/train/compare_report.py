@@ -12,12 +12,13 @@ NAMES = {"lora": "LoRA", "full": "full fine-tuning", "prompt": "prompt tuning", 
 
 def markdown(comparison: Comparison) -> str:
     s = comparison.settings
+    budget = (f"{s['budget_min']:g} minutes of training steps" if s["budget_min"] else f"{s['steps']} steps")
     lines = [(f"Base model exact match: {100 * comparison.base_exact_match:.1f}% on {comparison.examples} examples of "
-             f"{s['test']}; every method: {s['steps']} steps of {s['batch_size']}x{s['grad_accum']} examples of "
+             f"{s['test']}; every method: {budget} of {s['batch_size']}x{s['grad_accum']} examples of "
              f"{s['train']} on {s['base']}."), "",
-             ("| method | exact match | test loss | val loss | trainable parameters | stored | step time | "
+             ("| method | exact match | test loss | val loss | steps | trainable parameters | stored | step time | "
              "peak memory (training) | forward, unmerged | merged | served by `lorakit serve` |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in comparison.results:
         val = f"{r.val_loss:.3f}" if r.val_loss is not None else "-"
         merged = _latency(r.merged_latency, comparison.base_latency) if r.merged_latency is not None else "cannot merge"
@@ -25,10 +26,10 @@ def markdown(comparison: Comparison) -> str:
             merged = "is the model"
         served = {"lora": "yes, batched beside other adapters", "full": "yes, as the base",
                   "ia3": "merged into the base, as the base"}.get(r.method, "no")
-        lines.append(f"| {NAMES[r.method]} | {100 * r.exact_match:.1f}% | {r.test_loss:.3f} | {val} | "
+        lines.append(f"| {NAMES[r.method]} | {100 * r.exact_match:.1f}% | {r.test_loss:.3f} | {val} | {r.steps} | "
                      f"{r.trainable:,} | {_size(r.stored_bytes)} | {1000 * r.step_seconds:.0f} ms | "
                      f"{_size(r.peak_bytes)} | {_latency(r.latency, comparison.base_latency)} | {merged} | {served} |")
-    lines += ["", (f"Forward: one pass over a 128-token prompt, median of 7, against the base model's "
+    lines += ["", (f"Forward: one pass over a 128-token prompt, fastest of 15, against the base model's "
                   f"{1000 * comparison.base_latency:.0f} ms. Peak memory: the training process's peak resident set.")]
     return "\n".join(lines) + "\n"
 
@@ -62,7 +63,9 @@ def plot(comparison: Comparison, path: Path) -> Path | None:
     axis.set_xscale("log")
     axis.set_xlabel("trainable parameters")
     axis.set_ylabel("exact match on the test split (%)")
-    axis.set_title(f"{comparison.settings['steps']} steps each on {Path(comparison.settings['train']).name}")
+    s = comparison.settings
+    budget = f"{s['budget_min']:g} min" if s["budget_min"] else f"{s['steps']} steps"
+    axis.set_title(f"{budget} each on {Path(s['train']).name}")
     axis.legend(loc="lower right")
     axis.grid(True, alpha=0.3)
     figure.tight_layout()

@@ -45,6 +45,9 @@ class TrainConfig:
                        "tuning), ia3 or adapter (bottleneck adapters); r, alpha, dropout and target_modules are "
                        "LoRA's", "lora")
     num_virtual_tokens: int = _doc("prompt and prefix tuning: virtual tokens before every input", 20)
+    prefix_projection: int = _doc("prefix tuning: make the prefix with an MLP of this hidden width while training "
+                                  "(PEFT's prefix_projection; the file holds the prefix it makes); 0: learn the "
+                                  "prefix itself", 0)
     adapter_size: int = _doc("bottleneck adapters: the bottleneck's width", 64)
     adapter_placement: str = _doc("bottleneck adapters: after each layer's FFN (ffn, Pfeiffer) or after its "
                                   "attention too (both, Houlsby)", "ffn")
@@ -104,6 +107,9 @@ class TrainConfig:
                               "train LoRA only; use method lora or leave those settings out")
         check_int("num_virtual_tokens", self.num_virtual_tokens, minimum=1)
         check_int("adapter_size", self.adapter_size, minimum=1)
+        check_int("prefix_projection", self.prefix_projection, minimum=0)
+        if self.prefix_projection and self.method != "prefix":
+            raise ConfigError("prefix_projection applies to method prefix only")
         if self.adapter_placement not in ("ffn", "both"):
             raise ConfigError(f"adapter_placement must be ffn or both; got {self.adapter_placement!r}")
         check_number("weight_decay", self.weight_decay, low=0)
@@ -129,7 +135,8 @@ class TrainConfig:
         return self.lr or method_named(self.method).default_lr
 
     def method_settings(self) -> MethodSettings:
-        return MethodSettings(self.num_virtual_tokens, self.adapter_size, self.adapter_placement, self.seed)
+        return MethodSettings(self.num_virtual_tokens, self.adapter_size, self.adapter_placement,
+                              self.prefix_projection, self.seed)
 
     def quant_spec(self) -> QuantSpec | None:
         return QuantSpec(self.quant_bits, self.quant_group_size) if self.quant_bits else None
