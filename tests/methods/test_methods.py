@@ -185,7 +185,8 @@ def test_resume_is_exact_for_a_method_beside_lora(tiny_base_dir, data_dir, tmp_p
 
 def test_settings_that_only_lora_has_are_refused_for_other_methods(tiny_base_dir, data_dir, tmp_path):
     for method, changes in (("prompt", {"quant_bits": 4}), ("ia3", {"parallel": "fsdp"}), ("dora", {}),
-                            ("adapter", {"adapter_placement": "middle"}), ("prompt", {"num_virtual_tokens": 0})):
+                            ("adapter", {"adapter_placement": "middle"}), ("prompt", {"num_virtual_tokens": 0}),
+                            ("prefix", {"gradient_checkpointing": True}), ("ia3", {"prefix_projection": 8})):
         with pytest.raises(ConfigError):
             _config(tiny_base_dir, data_dir, tmp_path, method, **changes)
     assert _config(tiny_base_dir, data_dir, tmp_path, "prompt").learning_rate == 3e-2

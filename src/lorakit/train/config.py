@@ -108,6 +108,9 @@ class TrainConfig:
         check_int("num_virtual_tokens", self.num_virtual_tokens, minimum=1)
         check_int("adapter_size", self.adapter_size, minimum=1)
         check_int("prefix_projection", self.prefix_projection, minimum=0)
+        if self.method in ("prompt", "prefix") and self.gradient_checkpointing:
+            raise ConfigError(f"method {self.method} keeps its virtual tokens in the key/value cache, which "
+                              "transformers drops inside checkpointed layers; leave gradient_checkpointing off")
         if self.prefix_projection and self.method != "prefix":
             raise ConfigError("prefix_projection applies to method prefix only")
         if self.adapter_placement not in ("ffn", "both"):
