@@ -4,7 +4,8 @@ kept in bench/results/ with the machine and date.
 
     python bench/compare.py [--methods lora,full,prompt,prefix,ia3,adapter] [--output out/compare]
 
-Rerunning resumes: methods already scored in --output are not trained again (delete it to start over).
+Rerunning resumes: methods already trained in --output are scored again, not trained again (their
+training time and peak memory are kept from when they trained; delete --output to start over).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def main() -> None:
     path.write_text(f"# LoRA among its alternatives: the demo task (SmolLM2-135M-Instruct, orders), cpu\n\n"
                     f"Command: `python bench/compare.py` (runs `{' '.join(command[:-2])}`)  \n"
                     f"Machine: {machine()}  \nDate: {time.strftime('%Y-%m-%d')}  \n"
-                    f"Wall time of this run: {minutes:.0f} min (methods already scored in {args.output.name}/ "
-                    "are not trained again)\n\n" + table, encoding="utf-8")
+                    f"Wall time of this run: {minutes:.0f} min (methods already trained in {args.output.name}/ "
+                    "are scored again, not trained again; the table's training column is each method's own run)\n\n" + table, encoding="utf-8")
     shutil.copyfile(args.output / "compare.png", RESULTS / "compare_cpu.png")
     print(path.read_text())
 

@@ -14,6 +14,7 @@ since a rate tuned for LoRA is far too large for full fine-tuning and far too sm
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -26,19 +27,21 @@ from pathlib import Path
 
 import torch
 
+from lorakit.core.adapters import disable_adapters
 from lorakit.core.merge import merge
 from lorakit.data.records import read_records
 from lorakit.errors import ConfigError
 from lorakit.evaluation.evaluate import score_model
 from lorakit.files.atomic import atomic_write_text
 from lorakit.methods.ia3 import merge_ia3
-from lorakit.methods.method import METHOD_NAMES, method_of_directory
+from lorakit.methods.method import METHOD_NAMES, method_of_directory, methods_disabled
 from lorakit.models.base import load_for_inference
 from lorakit.train.checkpoint import latest_checkpoint
 from lorakit.train.config import TrainConfig, from_sources
 from lorakit.train.metrics import METRICS_FILE, read_metrics
 
-RESULT_FILE = "compare.json"
+RESULT_FILE = "compare.json"  # a method's scores, for reading (each run scores again)
+TRAINED_FILE = "trained.json"  # a finished training run's budget, steps, peak memory and time
 CALIBRATION_STEPS = 4  # steps of a method's short run that measures its step time for --budget-min
 PROBE_TOKENS = 128
 
@@ -54,6 +57,7 @@ class MethodResult:
     step_seconds: float  # median over the run
     train_seconds: float  # the training process, start to end
     peak_bytes: int  # the training process's peak resident set
+    base_latency: float  # seconds per forward of the probe with the method switched off (the base model)
     latency: float  # seconds per forward of the probe, unmerged
     merged_latency: float | None  # the same after merging; None: the method does not merge
     mergeable: bool
@@ -65,7 +69,6 @@ class MethodResult:
 class Comparison:
     results: list[MethodResult]
     base_exact_match: float
-    base_latency: float
     examples: int
     settings: dict  # what every method shared
 
@@ -88,17 +91,21 @@ def compare(recipe: Path, methods: list[str], output: Path, test: Path, max_step
     base, tokenizer = load_for_inference(config.base, None)
     probe = _probe(tokenizer, base)
     base_score = score_model(base, tokenizer, records, "base model", config.batch_size, progress)
-    base_latency = _latency(base, probe)
     del base
     bar = _bar(len(methods), progress)
     results = []
     for method in methods:
         if bar is not None:
             bar.set_description(f"compare: {method}")
-        steps = _steps_within(method, recipe, config, output, budget_min, progress) if budget_min else config.max_steps
-        run = {"examples": len(records), "budget_min": budget_min, "steps": None if budget_min else steps}
-        results.append(_result(method, recipe, TrainConfig(**{**config.to_dict(), "max_steps": steps}),
-                               output / method, run, records, probe, tokenizer, progress))
+        budget = {"budget_min": budget_min, "steps": None if budget_min else config.max_steps}
+        training = _trained_before(output / method, budget)
+        if training is None:
+            steps = _steps_within(method, recipe, config, output, budget_min, progress) if budget_min else \
+                config.max_steps
+            training = _train(method, recipe, TrainConfig(**{**config.to_dict(), "max_steps": steps}), output / method,
+                              budget, progress)
+        results.append(_score(method, config.base, output / method, training, records, probe, tokenizer,
+                              config.batch_size, progress))
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -106,34 +113,45 @@ def compare(recipe: Path, methods: list[str], output: Path, test: Path, max_step
     settings = {"base": config.base, "train": config.train, "test": str(test), "budget_min": budget_min,
                 "steps": None if budget_min else config.max_steps,
                 "batch_size": config.batch_size, "grad_accum": config.grad_accum, "max_length": config.max_length}
-    return Comparison(results, base_score.exact_match, base_latency, len(records), settings)
+    return Comparison(results, base_score.exact_match, len(records), settings)
 
 
-def _result(method: str, recipe: Path, config: TrainConfig, directory: Path, run: dict, records: list[dict],
-            probe: torch.Tensor, tokenizer, progress: bool) -> MethodResult:
-    saved = directory / RESULT_FILE
-    if saved.is_file():  # scored before, with the same budget: a comparison resumes where it stopped
-        data = json.loads(saved.read_text(encoding="utf-8"))
-        if data.pop("run", None) == run:
-            return MethodResult(**data)
+def _trained_before(directory: Path, budget: dict) -> dict | None:
+    """What training ``directory`` recorded, if it finished under the same budget (then it is not
+    trained again; scoring is redone, which is quick)."""
+    path = directory / TRAINED_FILE
+    if not path.is_file():
+        return None
+    training = json.loads(path.read_text(encoding="utf-8"))
+    return training if training.get("budget") == budget else None
+
+
+def _train(method: str, recipe: Path, config: TrainConfig, directory: Path, budget: dict, progress: bool) -> dict:
     peak, seconds = _train_in_own_process(method, recipe, config, directory, progress)
-    model, _ = load_for_inference(None if method == "full" else config.base, directory)
+    training = {"budget": budget, "steps": config.max_steps, "peak_bytes": peak, "train_seconds": seconds}
+    atomic_write_text(directory / TRAINED_FILE, json.dumps(training, indent=2) + "\n")
+    return training
+
+
+def _score(method: str, base: str, directory: Path, training: dict, records: list[dict], probe: torch.Tensor,
+           tokenizer, batch_size: int, progress: bool) -> MethodResult:
+    model, _ = load_for_inference(None if method == "full" else base, directory)
     trained = method_of_directory(directory)
     trainable = sum(p.numel() for p in (model.parameters() if method == "full" else trained.slots(model).values()))
-    score = score_model(model, tokenizer, records, method, config.batch_size, progress)
-    latency = _latency(model, probe)
-    merged = None
-    if trained.mergeable and method != "full":
-        merge(model) if method == "lora" else merge_ia3(model)
-        merged = _latency(model, probe)
+    score = score_model(model, tokenizer, records, method, batch_size, progress)
+    merged_model = None
+    if trained.mergeable and method != "full":  # a merged copy, timed beside the base and the unmerged model
+        merged_model = copy.deepcopy(model)
+        merge(merged_model) if method == "lora" else merge_ia3(merged_model)
+    base_latency, latency, merged = _latencies(model, probe, merged_model)
     metrics = read_metrics(directory / METRICS_FILE)
     steps = [r["tokens"] / r["tokens_per_s"] for r in metrics if r.get("tokens_per_s")]
     val = [r["val_loss"] for r in metrics if "val_loss" in r]
     stored = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
     result = MethodResult(method, score.exact_match, score.loss, val[-1] if val else None, trainable, stored,
-                          statistics.median(steps), seconds, peak, latency, merged, trained.mergeable,
-                          trained.servable, config.max_steps)
-    atomic_write_text(saved, json.dumps({**asdict(result), "run": run}, indent=2) + "\n")
+                          statistics.median(steps), training["train_seconds"], training["peak_bytes"], base_latency,
+                          latency, merged, trained.mergeable, trained.servable, training["steps"])
+    atomic_write_text(directory / RESULT_FILE, json.dumps({**asdict(result), "examples": len(records)}, indent=2) + "\n")
     return result
 
 
@@ -177,16 +195,27 @@ def _probe(tokenizer, model) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _latency(model, probe: torch.Tensor, repeats: int = 15) -> float:
-    """Seconds of one forward pass over the probe, the fastest of ``repeats`` after a warm-up pass: on
-    a shared machine other work only ever adds time, so the minimum is the steadiest estimate."""
-    model(input_ids=probe)
-    times = []
-    for _ in range(repeats):
+def _latencies(model, probe: torch.Tensor, merged=None, repeats: int = 15) -> tuple[float, float, float | None]:
+    """(base, method, merged): seconds of one forward pass over the probe with the method switched off,
+    on, and merged into a copy (None without one), timed in turn so that the machine's load falls on
+    all alike; the fastest of ``repeats`` each (on a shared machine other work only ever adds time).
+    A fully fine-tuned model is its own base."""
+    def timed(run) -> float:
         started = time.perf_counter()
-        model(input_ids=probe)
-        times.append(time.perf_counter() - started)
-    return min(times)
+        run(input_ids=probe)
+        return time.perf_counter() - started
+
+    model(input_ids=probe)
+    if merged is not None:
+        merged(input_ids=probe)
+    times: dict[str, list[float]] = {"base": [], "method": [], "merged": []}
+    for _ in range(repeats):
+        with disable_adapters(model), methods_disabled(model):
+            times["base"].append(timed(model))
+        times["method"].append(timed(model))
+        if merged is not None:
+            times["merged"].append(timed(merged))
+    return min(times["base"]), min(times["method"]), min(times["merged"]) if merged is not None else None
 
 
 def _bar(total: int, progress: bool):

@@ -16,21 +16,24 @@ def markdown(comparison: Comparison) -> str:
     lines = [(f"Base model exact match: {100 * comparison.base_exact_match:.1f}% on {comparison.examples} examples of "
              f"{s['test']}; every method: {budget} of {s['batch_size']}x{s['grad_accum']} examples of "
              f"{s['train']} on {s['base']}."), "",
-             ("| method | exact match | test loss | val loss | steps | trainable parameters | stored | step time | "
+             ("| method | exact match | test loss | val loss | steps | training | trainable parameters | stored | step time | "
              "peak memory (training) | forward, unmerged | merged | served by `lorakit serve` |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in comparison.results:
         val = f"{r.val_loss:.3f}" if r.val_loss is not None else "-"
-        merged = _latency(r.merged_latency, comparison.base_latency) if r.merged_latency is not None else "cannot merge"
+        merged = _latency(r.merged_latency, r.base_latency) if r.merged_latency is not None else "cannot merge"
         if r.method == "full":
             merged = "is the model"
         served = {"lora": "yes, batched beside other adapters", "full": "yes, as the base",
                   "ia3": "merged into the base, as the base"}.get(r.method, "no")
         lines.append(f"| {NAMES[r.method]} | {100 * r.exact_match:.1f}% | {r.test_loss:.3f} | {val} | {r.steps} | "
+                     f"{r.train_seconds / 60:.1f} min | "
                      f"{r.trainable:,} | {_size(r.stored_bytes)} | {1000 * r.step_seconds:.0f} ms | "
-                     f"{_size(r.peak_bytes)} | {_latency(r.latency, comparison.base_latency)} | {merged} | {served} |")
-    lines += ["", (f"Forward: one pass over a 128-token prompt, fastest of 15, against the base model's "
-                  f"{1000 * comparison.base_latency:.0f} ms. Peak memory: the training process's peak resident set.")]
+                     f"{_size(r.peak_bytes)} | {_latency(r.latency, r.base_latency)} | {merged} | {served} |")
+    lines += ["", ("Forward: one pass over a 128-token prompt, the fastest of 15, and in brackets its difference from "
+                  "the base model's, timed alternately with it (the method switched off) on the same loaded model. "
+                  "Training: the training process from start to end (loading, steps, validation, saving). Peak memory: "
+                  "its peak resident set.")]
     return "\n".join(lines) + "\n"
 
 
