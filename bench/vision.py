@@ -141,7 +141,7 @@ def main() -> None:
         "vision_cpu", "MobileNetV2 (ImageNet) adapted to Fashion-MNIST: linear probe, LoRA, full fine-tuning",
         f"python bench/vision.py --steps {args.steps} --batch {args.batch} --size {args.size}",
         ["method", "top-1 on the 10,000 test images", "trainable parameters (of full)", "stored",
-         "peak memory above the model", "step time (median)"], rows,
+         "peak memory (model, images and training)", "step time (median)"], rows,
         notes=f"{args.steps} steps of {args.batch} images at {args.size} px (shifted and mirrored at random), the same "
               f"batches for every method; AdamW, 20 warm-up steps then cosine to 0, gradients clipped to 1; learning "
               f"rates {LEARNING_RATES}. Stored: the adapter file for LoRA, the trained tensors (float32) for the "

@@ -100,9 +100,6 @@ class BottleneckAdapters(Method):
                   **model._lorakit_bottleneck}
         return write_adapter_files(directory, config, tensors)
 
-    def read(self, directory: Path) -> dict[str, torch.Tensor]:
-        return read_adapter_files(directory)[1]
-
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
         data, tensors, _ = read_adapter_files(directory)
         size, placement = data.get("adapter_size"), data.get("adapter_placement")

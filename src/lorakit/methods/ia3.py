@@ -152,9 +152,6 @@ class IA3(Method):
                   "exclude_modules": None}
         return write_adapter_files(directory, config, tensors)
 
-    def read(self, directory: Path) -> dict[str, torch.Tensor]:
-        return read_adapter_files(directory)[1]
-
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
         data, tensors, _ = read_adapter_files(directory)
         for key in ("fan_in_fan_out", "modules_to_save", "exclude_modules"):

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from lorakit.core.config import LoraConfig
-from lorakit.errors import ConfigError
+from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.files.peft_format import CONFIG_NAME, adapter_kind, read_adapter_files
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,8 @@ class Method:
         return True
 
     def read(self, directory: Path) -> dict[str, torch.Tensor]:
-        """The tensors a saved directory holds, by file key (for resuming)."""
-        raise NotImplementedError
+        """The tensors a saved directory holds, by file key (for resuming); here, an adapter directory's."""
+        return read_adapter_files(directory)[1]
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
         """A base model with the saved ``directory`` applied, for inference."""
@@ -72,8 +73,6 @@ def check_shapes(directory: Path, tensors: dict[str, torch.Tensor], want: dict[s
     """A file's tensors against the keys and shapes this model needs, before anything changes."""
     got = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
     if got != want:
-        from lorakit.errors import AdapterFileError
-
         wrong = sorted(set(got.items()) ^ set(want.items()))[:3]
         raise AdapterFileError(f"{directory}: its tensors do not fit this model (e.g. {wrong}); was it made for a "
                                "different base?")
@@ -87,6 +86,7 @@ def fill_slots(slots: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor])
 
 def method_named(name: str, lora_config: LoraConfig | None = None) -> Method:
     """The method called ``name``; LoRA trains with ``lora_config``."""
+    # Imported here, not above: each of them imports this module.
     from lorakit.methods import bottleneck, full, ia3, lora, virtual_tokens
 
     methods = {m.name: m for m in (lora.LoraMethod(lora_config), full.FullFineTuning(), ia3.IA3(),
@@ -131,15 +131,11 @@ _KINDS = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt", "PREFIX_TUNIN
 
 def method_of_directory(directory: str | Path) -> Method:
     """The method whose files ``directory`` holds, with a clear error for anything else."""
-    from lorakit.files.peft_format import CONFIG_NAME, adapter_kind
-
     path = Path(directory)
     if path.is_dir() and not (path / CONFIG_NAME).exists() and (path / "config.json").is_file():
         return method_named("full")
     kind = adapter_kind(path)
     if kind not in _KINDS:
-        from lorakit.errors import AdapterFileError
-
         raise AdapterFileError(f"{path}: peft_type {kind!r} is not one lorakit reads; it reads "
                                f"{', '.join(sorted(_KINDS))} adapters and full model directories")
     return method_named(_KINDS[kind])

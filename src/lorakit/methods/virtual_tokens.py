@@ -175,9 +175,6 @@ class _VirtualTokenMethod(Method):
     def file_fields(self, hidden: int, kv_heads: int, head_dim: int, heads: int) -> dict:
         raise NotImplementedError
 
-    def read(self, directory: Path) -> dict[str, torch.Tensor]:
-        return read_adapter_files(directory)[1]
-
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
         data, tensors, _ = read_adapter_files(directory)
         if set(tensors) != {KEY}:
