@@ -1,12 +1,13 @@
-"""`lorakit compare`: every method trained on one recipe's data with the same step budget, then scored.
+"""`lorakit compare`: every method trained on one recipe's data with the same budget, then scored.
 
 Each method trains in its own process (``lorakit train --method M``), so its peak memory is its own
 (the process's peak resident set, read from the kernel when it exits) and a crash or Ctrl-C loses
-only that method's run: a method already scored is not trained again, one interrupted resumes from
-its last checkpoint. Everything else is measured here, on the same test split for every method:
-exact match and loss, trainable parameters, the size of what must be stored, median step time (from
-the run's metrics), and the latency of one forward pass over a 128-token prompt (fastest of 15), unmerged and
-(where the method merges) merged, against the base model's.
+only that method's run: a method whose training finished is not trained again (only scored), one
+interrupted resumes from its last checkpoint. The budget is the same number of steps for every
+method, or (``budget_min``) the same training time. Everything else is measured here, on the same
+test split for every method: exact match and loss, trainable parameters, the size of what must be
+stored, median step time (from the run's metrics), and the latency of one forward pass over a
+128-token prompt, unmerged and (where the method merges) merged, against the base model's.
 
 Learning rates: LoRA takes the recipe's; every other method its own default (``lorakit train --help``),
 since a rate tuned for LoRA is far too large for full fine-tuning and far too small for soft prompts.
