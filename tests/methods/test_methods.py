@@ -30,7 +30,7 @@ from lorakit.train.checkpoint import latest_checkpoint
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import train
 from tasks import orders
-from tests.conftest import tiny_llama
+from tests.conftest import as_peft_writes_it, tiny_llama
 
 METHODS = ["full", "ia3", "prompt", "prefix", "adapter"]
 # Larger steps than the methods' defaults (chosen for real models): the tiny random model starts far off.
@@ -204,6 +204,10 @@ def test_a_file_for_another_model_is_refused_and_leaves_the_model_as_it_was(tmp_
     with pytest.raises(AdapterFileError, match="do not fit this model"):
         method_named("ia3").load(wider, tmp_path / "ia3")
     assert wider.state_dict().keys() == before.keys() and config["peft_type"] == "IA3"
+    as_peft_writes_it(tmp_path / "ia3")  # no settings digest: the config alone is checked
+    (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": 7}))
+    with pytest.raises(AdapterFileError, match="target_modules"):
+        method_named("ia3").load(tiny_llama(), tmp_path / "ia3")
     (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
     with pytest.raises(AdapterFileError, match="LOHA"):
         method_of_directory(tmp_path / "ia3")

@@ -158,8 +158,11 @@ class IA3(Method):
             if data.get(key):
                 raise AdapterFileError(f"{directory}: IA³ with {key}={data[key]!r} is not supported")
         targets, feedforward = data.get("target_modules"), data.get("feedforward_modules") or []
-        if not targets:
-            raise AdapterFileError(f"{directory}: adapter_config.json names no target_modules")
+        names = [targets] if isinstance(targets, str) else targets
+        if not targets or not isinstance(names, list) or not all(isinstance(n, str) for n in names + feedforward) \
+                or not isinstance(feedforward, list):
+            raise AdapterFileError(f"{directory}: adapter_config.json needs target_modules (a regex or a list of "
+                                   "names) and feedforward_modules (a list of names)")
         try:
             want = {f"{PREFIX}{path}.{PARAM}": _vector_shape(m, _matches(path, feedforward))
                     for path, m in _chosen(model, targets, feedforward).items()}

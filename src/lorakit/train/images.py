@@ -24,8 +24,7 @@ from lorakit.core.inject import inject
 from lorakit.data.images import image_set, model_input
 from lorakit.evaluation.images import TASK_FILE, evaluate_images
 from lorakit.files.atomic import atomic_write_text
-from lorakit.files.peft_format import adapter_slots, save_adapter
-from lorakit.methods.lora import LoraMethod
+from lorakit.methods.lora import ADAPTER_NAME, LoraMethod
 from lorakit.models.mobilenet_v2 import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -46,7 +45,6 @@ from lorakit.train.run import (
     refuse_to_clobber,
 )
 
-ADAPTER_NAME = "default"
 HEAD = "classifier"
 
 
@@ -68,14 +66,15 @@ def train_images(config: TrainConfig, resume: bool = False, overwrite: bool = Fa
     lora = config.lora.replace(target_modules=targets, modules_to_save=(HEAD,), base_model_name_or_path=config.base,
                                task_type=None)
     model = inject(model, lora, name=ADAPTER_NAME).to(device)
-    slots = adapter_slots(model, ADAPTER_NAME)
+    method = LoraMethod(lora)  # how the adapter is named, checkpointed and saved, as in the language-model loop
+    slots = method.slots(model)
     optimizer = torch.optim.AdamW(slots.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
     per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.max_steps or math.ceil(config.epochs * per_epoch / config.grad_accum)
     start = 0
     if checkpoint is not None:
-        restore(checkpoint, LoraMethod(lora), slots, optimizer)
+        restore(checkpoint, method, slots, optimizer)
         start = checkpoint.step
     output.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(output, resume_step=start if checkpoint else None)
@@ -134,7 +133,7 @@ def train_images(config: TrainConfig, resume: bool = False, overwrite: bool = Fa
             _train_mode(model)
         if done == end or (config.save_every and done % config.save_every == 0):
             metrics.sync()
-            save_checkpoint(output, LoraMethod(lora), model, capture(slots, optimizer), done, config.to_dict())
+            save_checkpoint(output, method, model, capture(slots, optimizer), done, config.to_dict())
             last_saved = done
         if bar is not None:
             recent = losses[-10:]
@@ -145,7 +144,7 @@ def train_images(config: TrainConfig, resume: bool = False, overwrite: bool = Fa
     if bar is not None:
         bar.close()
     if end == total_steps:
-        save_adapter(model, output, ADAPTER_NAME)
+        method.save(model, output)
         atomic_write_text(output / TASK_FILE, json.dumps(
             {"task": "image-classification", "base": config.base, "classes": list(train_set.classes),
              "image_size": config.image_size, "trained_on": config.train}, indent=2) + "\n")
