@@ -18,7 +18,6 @@ def test_peft_dict_round_trip_keeps_every_field():
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("use_dora", True, "DoRA"),
         ("layers_to_transform", [0, 1], "layer selection"),
         ("lora_bias", True, "lora_B"),
         ("some_future_flag", True, "not supported"),

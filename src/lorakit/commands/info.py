@@ -49,6 +49,8 @@ def _info(args: argparse.Namespace) -> int:
     ]
     if config.rank_pattern or config.alpha_pattern:
         rows.append(("overrides", f"rank {config.rank_pattern or '{}'}, alpha {config.alpha_pattern or '{}'}"))
+    if config.use_dora:
+        rows.append(("variant", "DoRA (a trained magnitude per output unit: lora_magnitude_vector)"))
     rows.append(("dropout", f"{config.dropout:g}"))
     rows.append(("targets", f"{sum(len(v) for v in groups.values())} modules"))
     for leaf, pairs in sorted(groups.items()):

@@ -142,7 +142,7 @@ def _mark_trainable(model: nn.Module, found: Inventory, bias: str | None) -> Non
 
 
 def lora_parameters(model: nn.Module, bias: str | None = None) -> Iterator[nn.Parameter]:
-    """The parameters that train: the active adapters' A and B, their copies of saved modules,
+    """The parameters that train: the active adapters' A and B (and DoRA's m), their copies of saved modules,
     and the biases their ``bias`` setting names (or the ``bias`` given here)."""
     return _unique(_trainable(model, inventory(model), bias))
 
@@ -169,6 +169,8 @@ def _trainable(model: nn.Module, found: Inventory, bias: str | None) -> Iterator
             configs.setdefault(name, layer.lora[name].config)
             yield layer.lora[name].lora_A
             yield layer.lora[name].lora_B
+            if layer.lora[name].magnitude is not None:  # DoRA's m
+                yield layer.lora[name].magnitude
     for _, wrapper in found.wrappers:
         if wrapper.active_adapter is not None:
             yield from wrapper.modules_to_save[wrapper.active_adapter].parameters()

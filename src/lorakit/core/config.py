@@ -2,7 +2,9 @@
 
 The maths (Hu et al. 2021, "LoRA", section 4.1): a frozen weight W gains a low-rank update
 W' = W + s * B @ A with A of shape (r, in), B of shape (out, r) and s = alpha / r, or
-s = alpha / sqrt(r) with rank-stabilised LoRA (Kalajdzievski 2023, "rsLoRA").
+s = alpha / sqrt(r) with rank-stabilised LoRA (Kalajdzievski 2023, "rsLoRA"). DoRA (``use_dora``)
+also learns each output unit's length (core/layers/dora.py); PiSSA and OLoRA (``init``) start A and
+B from the weight's own factors (core/layers/svd_init.py).
 
 On disk the config is PEFT's adapter_config.json, read and written by lorakit.files.peft_config,
 where the field names differ: ``alpha`` is ``lora_alpha``, ``dropout`` is ``lora_dropout``, and
@@ -23,7 +25,7 @@ from lorakit.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("default", "gaussian")
+INIT_MODES = ("default", "gaussian", "pissa", "pissa_niter_<N>", "olora")
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,15 @@ class LoraConfig:
     classifier head. Each adapter gets its own copy; the original stays frozen."""
     use_rslora: bool = False
     """Scale by alpha / sqrt(r) instead of alpha / r."""
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024): W' = m * (W + s * B @ A) / ||W + s * B @ A|| per output unit, m trained
+    too. Linear and convolution layers."""
     init: str = "default"
     """"default": A kaiming-uniform, B zeros (embeddings: A zeros, B normal, as loralib).
-    "gaussian": A normal with std 1/r, B zeros. Either way the model starts unchanged."""
+    "gaussian": A normal with std 1/r, B zeros. Either way the model starts unchanged.
+    "pissa" (or "pissa_niter_N", a randomised SVD with N iterations) and "olora": A and B from the
+    weight's SVD or QR, their product taken out of the base weight; the saved file is converted to
+    a plain LoRA adapter for the untouched base. Linear layers."""
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     """Per-module rank overrides: {regex: r}, the regex matching the end of a module name."""
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
@@ -89,9 +97,10 @@ class LoraConfig:
             if isinstance(names, str):
                 raise ConfigError(f"modules_to_save must be a list of module names, got the string {names!r}")
             self._set("modules_to_save", names)
-        if not isinstance(self.use_rslora, bool):
-            raise ConfigError(f"use_rslora must be true or false, got {self.use_rslora!r}")
-        if self.init not in INIT_MODES:
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.init, str) or not (self.init in INIT_MODES or re.fullmatch(r"pissa_niter_[0-9]+", self.init)):
             raise ConfigError(f"init must be one of {', '.join(INIT_MODES)}; got {self.init!r}")
         for pattern, rank in self.rank_pattern.items():
             _check_regex(f"rank_pattern key {pattern!r}", pattern)

@@ -74,6 +74,7 @@ def plan_injection(model: nn.Module, config: LoraConfig, name: str, activate: bo
             )
         if isinstance(module, LoraLayer) and name in module.lora:
             raise ConfigError(f"{path} already has an adapter named {name!r}; pick another name or delete it first")
+        lora_class_for(module).check_variant(config, tuple(module.lora) if isinstance(module, LoraLayer) else ())
         plan.targets[path] = module
     if not plan.targets:
         raise TargetError(

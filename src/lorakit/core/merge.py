@@ -15,6 +15,7 @@ from torch import nn
 
 from lorakit.core.config import LoraConfig
 from lorakit.core.layers.adapter import delta_in_weight_layout
+from lorakit.core.layers.dora import dora_weight_change, magnitude_shape
 from lorakit.core.walk import lora_layers, replace_module, saved_modules
 from lorakit.errors import AdapterFileError, MergeError
 
@@ -71,7 +72,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def merge_into_state_dict(
     state_dict: Mapping[str, torch.Tensor], config: LoraConfig, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     transposed: set[str], named_layout: bool, replacements: Mapping[str, torch.Tensor], source: str,
-    check_finite: bool = True,
+    check_finite: bool = True, magnitudes: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge an adapter's updates into a saved base ``state_dict`` (keys as in the base model's own
     ``state_dict()``). Returns a new dict; the input is not modified.
@@ -80,7 +81,8 @@ def merge_into_state_dict(
     the transpose of B @ A (embeddings, GPT-2's Conv1D); with ``named_layout`` False the file did not
     name its Conv1D layers (PEFT's one fan_in_fan_out flag), and under that flag a layer's shape
     decides, a square one being an error rather than a guess. ``replacements``: whole tensors saved
-    with the adapter (modules_to_save, trained biases), by base key.
+    with the adapter (modules_to_save, trained biases), by base key. ``magnitudes``: module path ->
+    DoRA's m, for a DoRA adapter.
 
     The weights come out as the model merge (``merge_and_unload``) writes them: each layer's update
     laid out by the same rule (``delta_in_weight_layout``), added in float32 and rounded once. A
@@ -88,6 +90,9 @@ def merge_into_state_dict(
     (out, in / g) update shifts ``<path>.mins``; codes and scales are left as they are.
     """
     merged = dict(state_dict)
+    magnitudes = magnitudes or {}
+    if magnitudes and config.qalora_group_size:
+        raise AdapterFileError(f"{source}: a DoRA adapter on a quantized base; lorakit merges DoRA into float weights")
     for base_key, tensor in replacements.items():
         _check_base_key(merged, base_key, tensor.shape, source)
         merged[base_key] = tensor.to(merged[base_key].dtype)
@@ -107,6 +112,12 @@ def merge_into_state_dict(
         if tuple(delta.shape) != tuple(base.shape):
             raise AdapterFileError(f"{source}: the update for {path} has shape {tuple(delta.shape)}, "
                                    f"the base weight {tuple(base.shape)}")
+        if path in magnitudes:
+            magnitude = magnitudes[path]
+            if tuple(magnitude.shape) != magnitude_shape(base, is_transposed):
+                raise AdapterFileError(f"{source}: DoRA's magnitude for {path} has shape {tuple(magnitude.shape)}, "
+                                       f"the base weight {tuple(base.shape)} needs {magnitude_shape(base, is_transposed)}")
+            delta = dora_weight_change(base, delta, magnitude, is_transposed)
         new = (base.to(delta.dtype) + delta).to(base.dtype)
         if check_finite and not torch.isfinite(new).all():
             raise MergeError(f"merging into {base_key} gives NaN/Inf weights; nothing was returned")

@@ -48,15 +48,15 @@ def to_peft_dict(config: LoraConfig, target_modules: str | list[str]) -> dict[st
         "revision": None,
         "target_modules": target_modules,
         "task_type": config.task_type,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "use_rslora": config.use_rslora,
     }
 
 def from_peft_dict(data: Mapping[str, Any], source: str = "adapter_config.json") -> LoraConfig:
     """Read an adapter_config.json written by lorakit or PEFT.
 
-    Every key is accounted for: a PEFT feature lorakit does not implement (DoRA, layer
-    selection, PiSSA-style inits that change the base weights, ...) is an error naming the
+    Every key is accounted for: a PEFT feature lorakit does not implement (layer selection,
+    files of PiSSA-style inits saved against the changed base weights, ...) is an error naming the
     key, never silently dropped, because ignoring it would run a different model.
     """
     if not isinstance(data, Mapping):
@@ -89,6 +89,7 @@ def from_peft_dict(data: Mapping[str, Any], source: str = "adapter_config.json")
         bias=data.get("bias", "none"),
         modules_to_save=data.get("modules_to_save"),
         use_rslora=data.get("use_rslora", False),
+        use_dora=data.get("use_dora", False),
         init=_init_from_peft(data.get("init_lora_weights", True), source),
         rank_pattern=data.get("rank_pattern") or {},
         alpha_pattern=data.get("alpha_pattern") or {},
@@ -105,12 +106,11 @@ _PEFT_KEYS_READ = {
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "modules_to_save",
     "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
     "base_model_name_or_path", "task_type", "peft_type", "use_qalora", "qalora_group_size", "qalora_pool",
-    "qalora_bits",
+    "qalora_bits", "use_dora",
 }
 # Keys that describe the file, not the maths.
 _PEFT_KEYS_METADATA = {"peft_version", "revision", "inference_mode", "auto_mapping", "megatron_core"}
 _PEFT_UNSUPPORTED = {
-    "use_dora": "DoRA is not implemented in lorakit yet",
     "lora_bias": "a trainable bias on lora_B is not implemented in lorakit",
     "layers_to_transform": "layer selection by index is not implemented; list the module names instead",
     "layers_pattern": "layer selection by index is not implemented; list the module names instead",
@@ -137,7 +137,8 @@ def _init_from_peft(value: Any, source: str) -> str:
         raise ConfigError(
             f"{source}: init_lora_weights={value!r} also changes the base weights, so the adapter "
             "only works on that modified base; convert it to a plain LoRA adapter with PEFT "
-            "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and load that"
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and load that "
+            "(lorakit's own PiSSA/OLoRA adapters are saved converted)"
         )
     raise ConfigError(f"{source}: unknown init_lora_weights={value!r}")
 

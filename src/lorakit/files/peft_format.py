@@ -3,10 +3,16 @@
 Keys, with P = "base_model.model." and <path> a module path in the base model:
 - linear, conv, GPT-2 Conv1D: P<path>.lora_A.weight (r, in[, k...]) and P<path>.lora_B.weight (out, r[, 1...])
 - embedding:                  P<path>.lora_embedding_A (r, vocab) and P<path>.lora_embedding_B (dim, r)
+- DoRA's magnitude:           P<path>.lora_magnitude_vector ((out,); (1, out, 1...) for a convolution)
 - a trained bias:             P<path>.base_layer.bias for an adapted module, else P<path>.bias
 - modules_to_save:            P<path>.<param> with the module's own parameter names
 - PEFT also writes the full P<path>.base_layer.weight when an embedding is targeted; lorakit
   accepts it on load (it replaces the base weight, as in PEFT) and never writes it.
+
+An adapter started by PiSSA or OLoRA (which change the base weight) is saved as PEFT's
+``path_initial_model_for_weight_conversion`` saves it: a plain LoRA adapter of rank 2r for the
+untouched base, A = [A; A0] and B = [B, -B0] (so s * B @ A = s * (B @ A - B0 @ A0), the training's
+whole change to the original weight), alpha doubled (times sqrt(2) with rsLoRA) so s stays.
 
 Loading checks every tensor against the model before changing anything: an unknown key, a
 missing key, a wrong shape or a rank that disagrees with the config is an AdapterFileError and
@@ -47,6 +53,8 @@ from lorakit.core.inject import (
     plan_injection,
 )
 from lorakit.core.layers import Embedding, ModulesToSave, QALoraLinear, lora_class_for
+from lorakit.core.layers.dora import magnitude_shape
+from lorakit.core.layers.svd_init import is_svd_init
 from lorakit.core.walk import bias_parameters, lora_layers, model_modules, saved_modules
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.files.atomic import atomic_path, atomic_write_text, fsync_directory
@@ -81,13 +89,19 @@ def matrix_keys(path: str, is_embedding: bool) -> tuple[str, str]:
 
 
 def split_adapter_key(key: str) -> tuple[str, str | None, bool]:
-    """(module path, "A" or "B", is_embedding) for an A/B key with PREFIX removed;
-    (key, None, False) for any other tensor (a bias, a saved module's parameter)."""
+    """(module path, "A", "B" or "m" (DoRA's magnitude), is_embedding) for an adapter key with PREFIX
+    removed; (key, None, False) for any other tensor (a bias, a saved module's parameter)."""
     for suffix, part, is_embedding in ((".lora_A.weight", "A", False), (".lora_B.weight", "B", False),
-                                       (".lora_embedding_A", "A", True), (".lora_embedding_B", "B", True)):
+                                       (".lora_embedding_A", "A", True), (".lora_embedding_B", "B", True),
+                                       (".lora_magnitude_vector", "m", False)):
         if key.endswith(suffix):
             return key[: -len(suffix)], part, is_embedding
     return key, None, False
+
+
+def magnitude_key(path: str) -> str:
+    """The file key of DoRA's magnitude vector for the adapter on module ``path``."""
+    return f"{PREFIX}{path}.lora_magnitude_vector"
 
 
 def _param_key(path: str, param: str) -> str:
@@ -107,6 +121,8 @@ def adapter_slots(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
         if name in layer.lora:
             a_key, b_key = matrix_keys(path, isinstance(layer, Embedding))
             slots[a_key], slots[b_key] = layer.lora[name].lora_A, layer.lora[name].lora_B
+            if layer.lora[name].magnitude is not None:
+                slots[magnitude_key(path)] = layer.lora[name].magnitude
             targets.add(path)
     for path, wrapper in saved_modules(model):
         if name in wrapper.modules_to_save:
@@ -127,6 +143,8 @@ def _expected_shapes(model: nn.Module, plan: InjectionPlan) -> tuple[dict[str, t
         a_shape, b_shape = cls.adapter_shapes(module, plan.config.rank_for(path))
         a_key, b_key = matrix_keys(path, issubclass(cls, Embedding))
         required[a_key], required[b_key] = a_shape, b_shape
+        if plan.config.use_dora:
+            required[magnitude_key(path)] = magnitude_shape(module.weight, cls.weight_is_transposed)
         if isinstance(getattr(module, "weight", None), torch.Tensor):  # a quantized base has none to replace
             optional[_param_key(path, "base_layer.weight")] = tuple(module.weight.shape)
     for path, module in plan.saved.items():
@@ -155,12 +173,32 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         **_qalora_fields(layers),
         base_model_name_or_path=config.base_model_name_or_path or str(getattr(model, "name_or_path", "") or ""),
     )
-    file_config = to_peft_dict(config, _file_targets(model, config, [path for path, _ in layers]))
     tensors = {key: param.detach() for key, param in slots.items()} if tensors is None else tensors
     if tensors.keys() != slots.keys():
         raise ValueError(f"tensors for adapter {name!r} must have exactly its file keys")
+    if is_svd_init(config.init):
+        config, tensors = _as_plain_lora(config, tensors, name, layers)
+    file_config = to_peft_dict(config, _file_targets(model, config, [path for path, _ in layers]))
     transposed = sorted(path for path, layer in layers if layer.fan_in_fan_out)
     return write_adapter_files(directory, file_config, tensors, {TRANSPOSED_MODULES: json.dumps(transposed)})
+
+
+def _as_plain_lora(config: LoraConfig, tensors: dict[str, torch.Tensor], name: str,
+                   layers: list[tuple[str, nn.Module]]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A PiSSA/OLoRA adapter as the rank-2r plain LoRA adapter that makes the same model from the
+    untouched base (the module docstring says how)."""
+    tensors = dict(tensors)
+    for path, layer in layers:
+        adapter = layer.lora[name]
+        a_key, b_key = matrix_keys(path, is_embedding=False)
+        tensors[a_key] = torch.cat([tensors[a_key], adapter.initial_A.to(tensors[a_key].dtype)], dim=0)
+        tensors[b_key] = torch.cat([tensors[b_key], -adapter.initial_B.to(tensors[b_key].dtype)], dim=1)
+    factor = 2 ** 0.5 if config.use_rslora else 2
+    return config.replace(
+        r=2 * config.r, alpha=config.alpha * factor, init="default",
+        rank_pattern={pattern: 2 * r for pattern, r in config.rank_pattern.items()},
+        alpha_pattern={pattern: alpha * factor for pattern, alpha in config.alpha_pattern.items()},
+    ), tensors
 
 
 def finite_copies(tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:

@@ -32,9 +32,13 @@ def merge_adapter_into_state_dict(state_dict: Mapping[str, torch.Tensor], adapte
         pairs.setdefault(path, {})[part] = tensor
         if is_embedding:  # (vocab, dim): the transpose of B @ A
             transposed.add(path)
+    parts = {"A", "B", "m"} if files.config.use_dora else {"A", "B"}
     for path, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise AdapterFileError(f"{source}: {path} has lora_{next(iter(pair))} without its partner")
+        if set(pair) != parts:
+            raise AdapterFileError(f"{source}: {path} has {', '.join(sorted(pair))} of an adapter that needs "
+                                   f"{', '.join(sorted(parts))} (m: DoRA's magnitude vector)")
     updates = {path: (pair["A"], pair["B"]) for path, pair in pairs.items()}
+    magnitudes = {path: pair["m"] for path, pair in pairs.items() if "m" in pair}
     return merge_into_state_dict(state_dict, files.config, updates, transposed,
-                                 files.fan_in_fan_out_modules is not None, replacements, source, check_finite)
+                                 files.fan_in_fan_out_modules is not None, replacements, source, check_finite,
+                                 magnitudes)

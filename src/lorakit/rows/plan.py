@@ -66,17 +66,23 @@ class RowPlan:
                              "get them; unmerge before running rows with different adapters")
         if len(self.segments) == 1:  # one adapter for the whole batch: no slicing, no concatenation
             name = self.segments[0].adapter
-            return result if name not in layer.lora else layer.adapter_output(result, x, layer.lora[name])
-        if self.stacked and layer.linear_adapter and not layer.training:
+            return result if name not in layer.lora else layer.apply_adapter(result, x, layer.lora[name])
+        if self.stacked and layer.linear_adapter and not layer.training and not self._has_dora(layer):
             return stacked_rows_output(layer, result, x, self)
         pieces = []
         for segment in self.segments:
             rows = slice(segment.start, segment.stop)
             if segment.adapter in layer.lora:
-                pieces.append(layer.adapter_output(result[rows], x[rows], layer.lora[segment.adapter]))
+                pieces.append(layer.apply_adapter(result[rows], x[rows], layer.lora[segment.adapter]))
             else:
                 pieces.append(result[rows])
         return torch.cat(pieces)
+
+
+    def _has_dora(self, layer: LoraLayer) -> bool:
+        """Whether a segment's adapter on ``layer`` is DoRA, which the stacked matmuls do not compute
+        (its rows then take the loop, each with its own factor per output unit)."""
+        return any(s.adapter in layer.lora and layer.lora[s.adapter].magnitude is not None for s in self.segments)
 
 
 def row_segments(row_adapters: Sequence[str | None]) -> tuple[RowSegment, ...]:

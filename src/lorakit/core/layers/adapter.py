@@ -30,6 +30,8 @@ class LoraAdapter(nn.Module):
         super().__init__()
         self.lora_A = nn.Parameter(torch.zeros(a_shape, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
+        # DoRA's magnitude vector m (core/layers/dora.py), set by the layer for a DoRA adapter.
+        self.register_parameter("magnitude", None)
         self.dropout = RowKeyedDropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
         self.config = config  # the LoraConfig it came from: save_adapter writes it back out

@@ -6,10 +6,14 @@ in model code still hold. Adapters live beside the weight in ``layer.lora[<adapt
 
 A family (linear, conv, embedding) supplies four things:
 - ``adapter_shapes(module, r)``: shapes of A and B for a base module of that family;
-- ``adapter_output(result, x, adapter)``: ``result + s * B(A(dropout(x)))``, never forming B @ A;
+- ``adapter_update(x, adapter)``: ``s * B(A(x))``, never forming B @ A (``adapter_output`` adds it,
+  over the adapter's dropout, to the base output);
 - ``weight_is_transposed``: whether its weight is laid out as the transpose of B @ A, which is all
   merging needs to know (``delta_in_weight_layout``);
 - ``plain_module()``: the base module type again, sharing the same Parameters.
+A family that supports DoRA (``supports_dora``) also gives ``weight_output(x)`` (Wx, no bias) and
+``per_output_channel(values)``; PiSSA/OLoRA initialisation (``supports_svd_init``) needs a weight
+that is one matrix.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from torch import nn
 
 from lorakit.core.config import LoraConfig, lora_scaling
 from lorakit.core.layers.adapter import LoraAdapter, delta_in_weight_layout
-from lorakit.errors import MergeError
+from lorakit.core.layers.dora import (
+    dora_output,
+    dora_weight_change,
+    magnitude_shape,
+    unit_norms,
+)
+from lorakit.core.layers.svd_init import is_svd_init, svd_init
+from lorakit.errors import ConfigError, MergeError
 
 # Who decides which adapter each row of a batch gets: a callable (layer, base output, input) ->
 # output, set for the duration of a forward pass by code that runs rows on different adapters
@@ -39,7 +50,7 @@ class LoraLayer:
     uses_dropout = True
     # Whether target_modules="all-linear" picks this family (nn.Linear, GPT-2's Conv1D, QA-LoRA).
     is_linear = False
-    # Whether adapter_output is exactly linear_adapter_output: result + s * (dropout(x) A^T) B^T over
+    # Whether adapter_update is exactly linear_adapter_update: s * (x A^T) B^T over
     # x's last dimension (nn.Linear, Conv1D), so that several adapters can be batched as matmuls.
     linear_adapter = False
     # Whether the weight is stored (in, out), the transpose of B @ A (PEFT's name for it).
@@ -47,6 +58,9 @@ class LoraLayer:
     # Whether the weight is laid out as the transpose of B @ A: GPT-2's Conv1D (fan_in_fan_out) and
     # embeddings ((vocab, dim), where B @ A is (dim, vocab)).
     weight_is_transposed = False
+    # Whether the family computes DoRA adapters (core/layers/dora.py) and PiSSA/OLoRA initialisation.
+    supports_dora = False
+    supports_svd_init = False
 
     lora: nn.ModuleDict
     active_adapters: tuple[str, ...]
@@ -79,8 +93,20 @@ class LoraLayer:
     def adapter_shapes(cls, module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise NotImplementedError
 
-    def adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+    def adapter_update(self, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
         raise NotImplementedError
+
+    def adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+        """result + s * B(A(dropout(x))): plain LoRA's output."""
+        return result + self.adapter_update(adapter.dropout(x), adapter)
+
+    def weight_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Wx without the bias (DoRA families)."""
+        raise NotImplementedError
+
+    def per_output_channel(self, values: torch.Tensor) -> torch.Tensor:
+        """(out,) values shaped to broadcast over this layer's outputs (channels last by default)."""
+        return values
 
     def _delta_weight(self, adapter: LoraAdapter) -> torch.Tensor:
         """s * B @ A in float32, laid out like ``self.weight``."""
@@ -95,7 +121,11 @@ class LoraLayer:
         return self.weight.device, torch.promote_types(self.weight.dtype, torch.float32)
 
     def _init_adapter(self, adapter: LoraAdapter, init: str) -> None:
-        """Start from an unchanged model: B = 0, A random (loralib's and PEFT's choice)."""
+        """Start from an unchanged model: B = 0, A random (loralib's and PEFT's choice); or, for
+        PiSSA/OLoRA, A and B from the weight's factors and their product taken out of the weight."""
+        if is_svd_init(init):
+            svd_init(self, adapter, init)
+            return
         if init == "gaussian":
             nn.init.normal_(adapter.lora_A, std=1 / adapter.r)
         else:
@@ -112,20 +142,49 @@ class LoraLayer:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         r = config.r if r is None else r
         scaling = lora_scaling(config.alpha, r, config.use_rslora) if scaling is None else scaling
+        self.check_variant(config, tuple(self.lora))
         a_shape, b_shape = self.adapter_shapes(self, r)
         device, dtype = self._adapter_placement()
         adapter = LoraAdapter(a_shape, b_shape, scaling, config.dropout if self.uses_dropout else 0.0, config, device, dtype)
+        if config.use_dora:
+            shape = magnitude_shape(self.weight, self.weight_is_transposed)
+            adapter.magnitude = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
         if init:
             with torch.no_grad():
                 self._init_adapter(adapter, config.init)
+                if adapter.magnitude is not None:  # m = ||W + s * B @ A||: the model starts unchanged
+                    combined = self.weight.to(dtype) + self._delta_weight(adapter).to(dtype)
+                    adapter.magnitude.copy_(unit_norms(combined, self.weight_is_transposed).view(shape))
         self.lora[name] = adapter
         return adapter
+
+    @classmethod
+    def check_variant(cls, config: LoraConfig, adapters: tuple[str, ...]) -> None:
+        """ConfigError if this family cannot hold ``config``'s DoRA or PiSSA/OLoRA next to ``adapters``."""
+        kind = cls.__name__
+        if config.use_dora and not cls.supports_dora:
+            raise ConfigError(f"DoRA is implemented for linear and convolution layers, not for {kind}; "
+                              "exclude it (exclude_modules) or leave use_dora off")
+        if is_svd_init(config.init) and not cls.supports_svd_init:
+            raise ConfigError(f"init {config.init!r} factors a weight matrix, and {kind} has none to factor "
+                              "(it works on linear layers); exclude it or use init 'default'")
+        if is_svd_init(config.init) and adapters:
+            raise ConfigError(f"init {config.init!r} changes the base weight, which adapters {list(adapters)} "
+                              "already use; give it a base with no other adapter")
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise MergeError(f"adapter {name!r} is merged into the weights; unmerge before deleting it")
         del self.lora[name]
         self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    def apply_adapter(self, result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter,
+                      base: torch.Tensor | None = None) -> torch.Tensor:
+        """``result`` plus ``adapter``'s contribution (plain LoRA or DoRA); ``base``, the base layer's
+        own output for x, defaults to ``result``."""
+        if adapter.magnitude is None:
+            return self.adapter_output(result, x, adapter)
+        return dora_output(self, result, x, adapter, result if base is None else base)
 
     def _add_adapters(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The base output plus every active adapter not already merged into the weight (or, while a
@@ -135,9 +194,10 @@ class LoraLayer:
         router = ADAPTER_ROUTER.get()
         if router is not None:
             return router(self, result, x)
+        base = result
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = self.adapter_output(result, x, self.lora[name])
+                result = self.apply_adapter(result, x, self.lora[name], base)
         return result
 
     # --- merge -----------------------------------------------------------------------------
@@ -153,18 +213,30 @@ class LoraLayer:
         return torch.promote_types(self.weight.dtype, torch.float32)
 
     def _keeps_unmerged_weight(self) -> bool:
-        return self.weight.dtype in (torch.float16, torch.bfloat16)
+        # DoRA's change depends on the unmerged W, so a layer with a DoRA adapter keeps it too.
+        dora = any(adapter.magnitude is not None for adapter in self.lora.values())
+        return dora or self.weight.dtype in (torch.float16, torch.bfloat16)
+
+    def _weight_change(self, adapter: LoraAdapter, unmerged: torch.Tensor) -> torch.Tensor:
+        """What merging ``adapter`` adds to the ``unmerged`` weight, in the merge dtype."""
+        delta = self._delta_weight(adapter).to(self._merge_dtype())
+        if adapter.magnitude is None:
+            return delta
+        return dora_weight_change(unmerged, delta, adapter.magnitude, self.weight_is_transposed)
 
     def _merged_weight(self, names: list[str]) -> torch.Tensor:
         """The weight with ``names`` merged on top of what is merged now, from the unmerged weight
         when one is kept: one rounding in all."""
         kept = getattr(self, "lora_unmerged_weight", None)
         base, names = (kept, self.merged_adapters + names) if kept is not None else (self.weight, names)
+        if kept is None and self.merged_adapters and any(self.lora[n].magnitude is not None for n in names):
+            raise MergeError("a DoRA adapter merges against the unmerged weight; unmerge before merging it")
+        base = base.to(self._merge_dtype())
         total = None
         for name in names:
-            delta = self._delta_weight(self.lora[name]).to(self._merge_dtype())
-            total = delta if total is None else total + delta
-        return base.to(self._merge_dtype()) if total is None else (base.to(self._merge_dtype()) + total)
+            change = self._weight_change(self.lora[name], base)
+            total = change if total is None else total + change
+        return base if total is None else base + total
 
     @torch.no_grad()
     def merged_weight_is_finite(self, names: Iterable[str] | None = None) -> bool:

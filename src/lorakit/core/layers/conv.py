@@ -29,6 +29,8 @@ from lorakit.core.layers.base import LoraLayer
 class _ConvLora(LoraLayer):
     """What Conv1d and Conv2d share; each names its torch class and its pointwise convolution."""
 
+    supports_dora = True
+
     _torch_conv: type  # nn.Conv1d or nn.Conv2d
     _pointwise: staticmethod  # F.conv1d or F.conv2d, for B
 
@@ -71,15 +73,21 @@ class _ConvLora(LoraLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._add_adapters(self._conv_forward(x, self.weight, self.bias), x)
 
-    def adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+    def adapter_update(self, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
         if self.groups > 1:  # the update, (out, in / groups, k...), as a convolution with the base's groups
             delta = delta_in_weight_layout(adapter.lora_A, adapter.lora_B, adapter.scaling, transposed=False)
-            return result + self._conv_forward(adapter.dropout(x), delta.to(x.dtype), None)
+            return self._conv_forward(x, delta.to(x.dtype), None)
         a = adapter.lora_A.to(x.dtype)  # (r, in, k...)
         b = adapter.lora_B.to(x.dtype)  # (out, r, 1...)
         # The base layer's own _conv_forward applies its stride, padding (mode), and dilation to A.
-        h = self._conv_forward(adapter.dropout(x), a, None) * adapter.scaling  # (N, r, L...)
-        return result + self._pointwise(h, b)  # (N, out, L...)
+        h = self._conv_forward(x, a, None) * adapter.scaling  # (N, r, L...)
+        return self._pointwise(h, b)  # (N, out, L...)
+
+    def weight_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight, None)
+
+    def per_output_channel(self, values: torch.Tensor) -> torch.Tensor:
+        return values.view(1, -1, *(1,) * len(self.kernel_size))  # (1, out, 1...) over (N, out, L...)
 
     def plain_module(self) -> nn.Module:
         with torch.device("meta"):

@@ -64,11 +64,11 @@ class Embedding(LoraLayer, nn.Embedding):
         )
         return self._add_adapters(result, ids)
 
-    def adapter_output(self, result: torch.Tensor, ids: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
-        a = adapter.lora_A.to(result.dtype)  # (r, vocab)
-        b = adapter.lora_B.to(result.dtype)  # (dim, r)
+    def adapter_update(self, ids: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+        a = adapter.lora_A.to(self.weight.dtype)  # (r, vocab)
+        b = adapter.lora_B.to(self.weight.dtype)  # (dim, r)
         h = F.embedding(ids, a.T, self.padding_idx) * adapter.scaling  # (..., r): rows of A^T
-        return result + F.linear(h, b)  # (..., dim)
+        return F.linear(h, b)  # (..., dim)
 
     def plain_module(self) -> nn.Embedding:
         with torch.device("meta"):

@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from lorakit.core.layers.adapter import LoraAdapter, share_base_parameters
 from lorakit.core.layers.base import LoraLayer
-from lorakit.core.layers.linear import linear_adapter_output
+from lorakit.core.layers.linear import linear_adapter_update
 
 
 class Conv1D(LoraLayer, HFConv1D):
@@ -21,6 +21,8 @@ class Conv1D(LoraLayer, HFConv1D):
     linear_adapter = True
     fan_in_fan_out = True
     weight_is_transposed = True  # (in, out)
+    supports_dora = True
+    supports_svd_init = True
 
     def __init__(self, nf: int, nx: int) -> None:
         HFConv1D.__init__(self, nf, nx)
@@ -39,8 +41,11 @@ class Conv1D(LoraLayer, HFConv1D):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._add_adapters(HFConv1D.forward(self, x), x)
 
-    def adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
-        return linear_adapter_output(result, x, adapter)
+    def adapter_update(self, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+        return linear_adapter_update(x, adapter)
+
+    def weight_output(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
 
     def plain_module(self) -> HFConv1D:
         with torch.device("meta"):

@@ -11,12 +11,12 @@ from lorakit.core.layers.adapter import LoraAdapter, share_base_parameters
 from lorakit.core.layers.base import LoraLayer
 
 
-def linear_adapter_output(result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
-    """result + s * B(A(dropout(x))) for a linear map; shared by nn.Linear and GPT-2's Conv1D."""
+def linear_adapter_update(x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+    """s * B(A(x)) for a linear map; shared by nn.Linear, GPT-2's Conv1D and QA-LoRA."""
     a = adapter.lora_A.to(x.dtype)  # (r, in); a no-op unless the base runs in half precision
     b = adapter.lora_B.to(x.dtype)  # (out, r)
-    h = F.linear(adapter.dropout(x), a) * adapter.scaling  # (..., r): scale the narrow tensor
-    return result + F.linear(h, b)  # (..., out)
+    h = F.linear(x, a) * adapter.scaling  # (..., r): scale the narrow tensor
+    return F.linear(h, b)  # (..., out)
 
 
 class Linear(LoraLayer, nn.Linear):
@@ -24,6 +24,8 @@ class Linear(LoraLayer, nn.Linear):
 
     is_linear = True
     linear_adapter = True
+    supports_dora = True
+    supports_svd_init = True
 
     def __init__(
         self,
@@ -55,8 +57,11 @@ class Linear(LoraLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._add_adapters(F.linear(x, self.weight, self.bias), x)
 
-    def adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
-        return linear_adapter_output(result, x, adapter)
+    def adapter_update(self, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+        return linear_adapter_update(x, adapter)
+
+    def weight_output(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
     def plain_module(self) -> nn.Linear:
         plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")

@@ -18,7 +18,7 @@ from torch import nn
 
 from lorakit.core.layers.adapter import LoraAdapter, lora_delta
 from lorakit.core.layers.base import LoraLayer
-from lorakit.core.layers.linear import linear_adapter_output
+from lorakit.core.layers.linear import linear_adapter_update
 from lorakit.errors import MergeError
 from lorakit.quant.groupwise import QuantizedWeight
 from lorakit.quant.linear import QuantLinear
@@ -52,7 +52,7 @@ class QALoraLinear(LoraLayer, QuantLinear):
 
     def adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
         pooled = x.unflatten(-1, (-1, self.group_size)).sum(dim=-1)  # (..., in / g)
-        return linear_adapter_output(result, pooled, adapter)
+        return result + linear_adapter_update(adapter.dropout(pooled), adapter)
 
     def _group_delta(self, adapter: LoraAdapter) -> torch.Tensor:
         """(out, in / g): the update's value on each group, s * B @ A in float32."""
