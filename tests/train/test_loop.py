@@ -12,14 +12,6 @@ from lorakit.errors import ConfigError
 from lorakit.train.checkpoint import CheckpointError, latest_checkpoint
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import lr_factor, train
-from tasks import orders
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("orders")
-    orders.write_splits(directory, {"train": 24, "val": 6, "test": 6})
-    return directory
 
 
 def _config(tiny_base_dir, data_dir, output, **changes):

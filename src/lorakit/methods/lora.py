@@ -9,6 +9,7 @@ from torch import nn
 
 from lorakit.core.config import LoraConfig
 from lorakit.core.inject import inject
+from lorakit.core.layers.svd_init import is_svd_init
 from lorakit.files.peft_format import (
     adapter_slots,
     load_adapter,
@@ -41,6 +42,11 @@ class LoraMethod(Method):
     def save(self, model: nn.Module, directory: Path, tensors: dict[str, torch.Tensor] | None = None,
              tokenizer=None) -> Path:
         return save_adapter(model, directory, ADAPTER_NAME, tensors=tensors)
+
+    def saves_slots(self, model: nn.Module) -> bool:
+        # A PiSSA/OLoRA adapter's file is converted for the untouched base (rank 2r): a checkpoint
+        # keeps the matrices that train beside it.
+        return self.config is None or not is_svd_init(self.config.init)
 
     def read(self, directory: Path) -> dict[str, torch.Tensor]:
         return read_adapter(directory).tensors

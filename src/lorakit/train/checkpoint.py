@@ -128,7 +128,7 @@ def restore(checkpoint: Checkpoint, method: Method, slots: dict[str, nn.Paramete
             param.copy_(shard_like(param, tensors[key]))
 
     state = optimizer.state_dict()
-    index = {key: i for i, key in enumerate(slots)}  # the optimizer was built over slots' values, in order
+    index = optimizer_index(optimizer, slots)
     state["state"] = {}
     for key, i in index.items():
         moments = {}
@@ -144,6 +144,13 @@ def restore(checkpoint: Checkpoint, method: Method, slots: dict[str, nn.Paramete
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([saved[f"rng::cuda{d}"] for d in range(torch.cuda.device_count())
                                       if f"rng::cuda{d}" in saved])
+
+
+def optimizer_index(optimizer: torch.optim.Optimizer, slots: dict[str, nn.Parameter]) -> dict[str, int]:
+    """File key -> the parameter's index in ``optimizer.state_dict()`` (its place across the param groups)."""
+    key_of = {id(param): key for key, param in slots.items()}
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    return {key_of[id(param)]: i for i, param in enumerate(params)}
 
 
 def _optimizer_tensors(slots: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -41,6 +41,16 @@ class TrainConfig:
     r: int = _doc("LoRA rank", 16)
     alpha: float = _doc("LoRA alpha; the update is scaled by alpha / r", 32.0)
     dropout: float = _doc("dropout on the adapters' input", 0.0)
+    use_rslora: bool = _doc("rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r", False)
+    use_dora: bool = _doc("DoRA: also learn each output unit's length (weight-decomposed LoRA; PEFT's use_dora)",
+                          False)
+    init: str = _doc("how LoRA's A and B start: default (B = 0), gaussian, pissa (the weight's top singular "
+                     "vectors, the rest left in the base; pissa_niter_N: randomised SVD, N iterations, fast on "
+                     "large layers) or olora (QR); pissa and olora adapters are saved as plain LoRA for the "
+                     "untouched base", "default")
+    loraplus_lr_ratio: float = field(default=0.0, metadata={
+        "help": "LoRA+: train B at this many times the learning rate of A (--loraplus-lr-ratio alone: 16); 0: off",
+        "const": 16.0})
     method: str = _doc("how to adapt the model: lora, full (every weight), prompt (prompt tuning), prefix (prefix "
                        "tuning), ia3 or adapter (bottleneck adapters); r, alpha, dropout and target_modules are "
                        "LoRA's", "lora")
@@ -92,7 +102,12 @@ class TrainConfig:
         # The LoRA settings are a LoraConfig's, checked by it: one set of rules for r, alpha, dropout
         # and targets, whether they come from a recipe or from code.
         self.lora = LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.lora_targets(),
+                               use_rslora=self.use_rslora, use_dora=self.use_dora, init=self.init,
                                task_type="CAUSAL_LM")
+        check_number("loraplus_lr_ratio", self.loraplus_lr_ratio, low=0)
+        variants = [name for name, on in (("use_rslora", self.use_rslora), ("use_dora", self.use_dora),
+                                          ("init", self.init != "default"),
+                                          ("loraplus_lr_ratio", self.loraplus_lr_ratio)) if on]
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "quant_group_size", "image_size"):
@@ -105,6 +120,11 @@ class TrainConfig:
         if self.method != "lora" and (self.quant_bits or self.parallel == "fsdp" or self.task != "causal-lm"):
             raise ConfigError(f"method {self.method}: quant_bits (QA-LoRA), parallel fsdp and image classification "
                               "train LoRA only; use method lora or leave those settings out")
+        if self.method != "lora" and variants:
+            raise ConfigError(f"method {self.method}: {', '.join(variants)} are LoRA's settings; leave them out")
+        if self.quant_bits and (self.use_dora or self.init not in ("default", "gaussian")):
+            raise ConfigError("quant_bits trains QA-LoRA, whose exact merge into the quantized base has no DoRA "
+                              "or PiSSA/OLoRA form; leave use_dora and init out, or quant_bits")
         check_int("num_virtual_tokens", self.num_virtual_tokens, minimum=1)
         check_int("adapter_size", self.adapter_size, minimum=1)
         check_int("prefix_projection", self.prefix_projection, minimum=0)
@@ -200,7 +220,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="NAME", help=text)
         else:
             kind = {"int": int, "float": finite_float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=text)
+            optional = {"nargs": "?", "const": f.metadata["const"]} if "const" in f.metadata else {}
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=text,
+                                **optional)
 
 
 def from_sources(yaml_path: str | Path | None, args: argparse.Namespace | None,

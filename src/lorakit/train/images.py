@@ -34,6 +34,7 @@ from lorakit.models.mobilenet_v2 import (
 from lorakit.train.checkpoint import capture, restore, save_checkpoint
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
+from lorakit.train.optimizer import make_optimizer, set_learning_rate
 from lorakit.train.run import (
     TrainingDiverged,
     TrainResult,
@@ -68,7 +69,7 @@ def train_images(config: TrainConfig, resume: bool = False, overwrite: bool = Fa
     model = inject(model, lora, name=ADAPTER_NAME).to(device)
     method = LoraMethod(lora)  # how the adapter is named, checkpointed and saved, as in the language-model loop
     slots = method.slots(model)
-    optimizer = torch.optim.AdamW(slots.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(slots, config.learning_rate, config.weight_decay, config.loraplus_lr_ratio)
 
     per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.max_steps or math.ceil(config.epochs * per_epoch / config.grad_accum)
@@ -103,8 +104,7 @@ def train_images(config: TrainConfig, resume: bool = False, overwrite: bool = Fa
     for step in range(start, end):
         started = time.perf_counter()
         lr = config.learning_rate * lr_factor(step, total_steps, config.warmup_steps, config.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(optimizer, lr)
         step_loss, correct, seen = 0.0, 0, 0
         for k in range(config.grad_accum):
             images, labels = batch_at(step * config.grad_accum + k)

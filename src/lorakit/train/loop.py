@@ -34,6 +34,7 @@ from lorakit.train.checkpoint import (
 from lorakit.train.config import TrainConfig
 from lorakit.train.loss import evaluate_loss
 from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
+from lorakit.train.optimizer import make_optimizer, set_learning_rate
 from lorakit.train.run import (
     TrainingDiverged,
     TrainResult,
@@ -98,7 +99,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
         _enable_activation_checkpointing(model)
     loss_of = distributed.loss_function(model, world, config.parallel)  # moves (or shards) the model to the device
     slots = method.slots(model)  # file key -> Parameter: what trains, is saved and checkpointed
-    optimizer = torch.optim.AdamW(slots.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(slots, config.learning_rate, config.weight_decay, config.loraplus_lr_ratio)
 
     lengths = [len(e) for e in train_set]
     per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -141,8 +142,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
     for step in range(start, end):
         started = time.perf_counter()
         lr = config.learning_rate * lr_factor(step, total_steps, config.warmup_steps, config.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(optimizer, lr)
         micro = [batch_at(step * config.grad_accum + k) for k in range(config.grad_accum)]
         target_tokens = sum(tokens for tokens, _, _, _ in micro)
         step_loss = 0.0
