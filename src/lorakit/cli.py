@@ -8,6 +8,7 @@ import sys
 
 from lorakit import __version__
 from lorakit.commands import (
+    combine,
     compare,
     compress,
     evaluate,
@@ -15,6 +16,8 @@ from lorakit.commands import (
     info,
     merge,
     quantize,
+    rank,
+    resize,
     serve,
     train,
 )
@@ -46,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for command in (train, compare, evaluate, generate, merge, quantize, compress, info, serve):
+    for command in (train, compare, evaluate, generate, merge, rank, resize, combine, quantize, compress, info, serve):
         command.register(commands)
     return parser
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lorakit.cli import main
+from lorakit.core.svd import low_rank_factors, rank_for_energy, singular_values
 from lorakit.errors import ConfigError
 from lorakit.models.base import load_base
 from lorakit.models.compress import (
@@ -16,7 +17,6 @@ from lorakit.models.compress import (
     low_rank_linear,
     quantize_int8,
 )
-from lorakit.models.svd import low_rank_factors, rank_for_energy, singular_values
 from tasks import orders
 
 IDS = torch.randint(3, 90, (2, 11), generator=torch.Generator().manual_seed(0))

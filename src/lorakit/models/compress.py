@@ -21,15 +21,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lorakit.core.config import ALL_LINEAR, module_matches
-from lorakit.core.walk import replace_module
-from lorakit.errors import ConfigError
-from lorakit.files.model_directory import WEIGHTS, write_model_directory
-from lorakit.models.svd import (
+from lorakit.core.svd import (
     low_rank_factors,
     rank_for_energy,
     saves_parameters,
     singular_values,
 )
+from lorakit.core.walk import replace_module
+from lorakit.errors import ConfigError
+from lorakit.files.model_directory import WEIGHTS, write_model_directory
 
 COMPRESSION_CONFIG = "lorakit_compression.json"
 FORMAT = "lorakit-lowrank"

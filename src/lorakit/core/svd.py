@@ -42,3 +42,20 @@ def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
 def saves_parameters(out_features: int, in_features: int, rank: int) -> bool:
     """Whether rank-``rank`` factors are smaller than the dense (out, in) weight."""
     return rank * (out_features + in_features) < out_features * in_features
+
+
+def product_svd(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact SVD of a LoRA update s * B @ A, in float64, without forming the (out, in) product.
+
+    A (r, in...) and B (out, r...) as in adapter files (a convolution's kernel dimensions folded
+    into in). With B = Qb Rb and A^T = Qa Ra (thin QRs), s * B @ A = Qb (s Rb Ra^T) Qa^T, so the SVD of
+    the small r x r middle, U' S V'^T, gives U = Qb U' (out, r), S (r,) and V^T = V'^T Qa^T (r, in):
+    O(r^2 (out + in)) work instead of O(out * in * min(out, in)).
+    """
+    a = lora_A.detach().double().flatten(1)  # (r, in)
+    b = lora_B.detach().double().flatten(1)  # (out, r)
+    qb, rb = torch.linalg.qr(b)  # (out, r), (r, r)
+    qa, ra = torch.linalg.qr(a.T)  # (in, r), (r, r)
+    u, s, vh = torch.linalg.svd(scaling * rb @ ra.T)
+    return qb @ u, s, vh @ qa.T
