@@ -13,6 +13,9 @@ alternating in one run so machine noise hits both alike. Reports median step tim
 in use above the loaded model, as lorakit / PEFT ratios; writes bench/results/train_step.md.
 
     python bench/train_step.py [--trials 3] [--steps 4] [--batch 8] [--device cpu]
+
+With --dora: DoRA's cost, three workers in one run: lorakit's plain LoRA, lorakit's DoRA and PEFT's
+DoRA (same settings plus use_dora); writes bench/results/train_step_dora_<device>.md.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import PeakMemory, alternate_workers, write_table
 
 LIBRARIES = ("lorakit", "peft")
+DORA_WORKERS = ("lorakit", "lorakit-dora", "peft-dora")
 DATA = ROOT / "data" / "orders" / "train.jsonl"
 
 
@@ -47,11 +51,12 @@ def worker(library: str, args: argparse.Namespace) -> dict:
     rows = epoch_batches([len(e) for e in examples], args.batch, seed=0, epoch=0)[: args.steps + 1]
     batches = [collate([examples[i] for i in r], tokenizer.pad_token_id).to(device) for r in rows]
 
-    if library == "lorakit":
+    dora = library.endswith("-dora")
+    if library.startswith("lorakit"):
         import lorakit
         from lorakit.train.loss import loss_sum
 
-        lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+        lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear", use_dora=dora))
         lorakit.mark_only_lora_as_trainable(model)
         params = list(lorakit.lora_parameters(model))
 
@@ -60,7 +65,8 @@ def worker(library: str, args: argparse.Namespace) -> dict:
     else:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                                 use_dora=dora))
         params = [p for p in model.parameters() if p.requires_grad]
 
         def loss_of(batch):
@@ -103,14 +109,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="examples per step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--base", default="smollm2", help="base model (default: the embedded SmolLM2)")
-    parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
+    parser.add_argument("--dora", action="store_true", help="DoRA's step: lorakit LoRA, lorakit DoRA, PEFT DoRA")
+    parser.add_argument("--worker", choices=LIBRARIES + DORA_WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return
 
-    results = alternate_workers(__file__, LIBRARIES, args.trials, ["--steps", str(args.steps), "--batch",
-                                str(args.batch), "--device", args.device, "--base", args.base])
+    results = alternate_workers(__file__, DORA_WORKERS if args.dora else LIBRARIES, args.trials,
+                                ["--steps", str(args.steps), "--batch", str(args.batch), "--device", args.device,
+                                 "--base", args.base])
+    if args.dora:
+        return dora_report(results, args)
 
     summary = {}
     for lib, runs in results.items():
@@ -137,6 +147,36 @@ def main() -> None:
         notes=f"r=16, alpha=32, all linear layers; batches of {args.batch} orders examples (length-bucketed, loss on "
               f"assistant tokens only); forward + backward + AdamW step; {args.trials} alternating child processes x "
               f"{args.steps} steps each. First-step losses agree within {worst:.1e} relative.",
+    )
+    print(path.read_text())
+
+
+def dora_report(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    summary = {lib: {"step": statistics.median(t for r in runs for t in r["times"]),
+                     "peak": statistics.median(r["peak"] for r in runs), "trainable": runs[0]["trainable"],
+                     "first_loss": runs[0]["first_loss"], "tokens": runs[0]["tokens"]} for lib, runs in results.items()}
+    ours, plain, theirs = summary["lorakit-dora"], summary["lorakit"], summary["peft-dora"]
+    assert ours["trainable"] == theirs["trainable"], "the two DoRA implementations must train the same parameters"
+    worst = abs(ours["first_loss"] - theirs["first_loss"]) / abs(theirs["first_loss"])
+    assert worst < 1e-4, f"lorakit and PEFT DoRA losses differ by {worst:.2e} (relative)"
+    names = {"lorakit": "lorakit LoRA", "lorakit-dora": "lorakit DoRA", "peft-dora": "PEFT DoRA"}
+    rows = [[names[lib], f"{s['step'] * 1000:.0f} ms", f"{s['tokens'] / args.steps / s['step']:,.0f}",
+             f"{s['peak'] / 2**20:.0f} MiB", f"{s['trainable']:,}"] for lib, s in summary.items()]
+    rows.append(["**lorakit DoRA / lorakit LoRA**", f"**{ours['step'] / plain['step']:.3f}x**", "",
+                 f"**{ours['peak'] / plain['peak']:.3f}x**", ""])
+    rows.append(["**lorakit DoRA / PEFT DoRA**", f"**{ours['step'] / theirs['step']:.3f}x**", "",
+                 f"**{ours['peak'] / theirs['peak']:.3f}x**", ""])
+    command = (f"python bench/train_step.py --dora --trials {args.trials} --steps {args.steps} --batch {args.batch} "
+               f"--device {args.device}")
+    path = write_table(
+        f"train_step_dora_{args.device}", f"DoRA's fine-tuning step: lorakit vs PEFT, and against plain LoRA "
+        f"(SmolLM2-135M-Instruct, orders task, {args.device})", command,
+        ["worker", "median step", "tokens/s", "peak memory above model", "trainable params"], rows,
+        notes=f"r=16, alpha=32, all linear layers, DoRA's magnitudes on top (PEFT's use_dora=True); batches of "
+              f"{args.batch} orders examples; forward + backward + AdamW step; {args.trials} alternating child "
+              f"processes x {args.steps} steps each. First-step DoRA losses agree within {worst:.1e} relative. "
+              "Both DoRA implementations form s*B@A and the norm of W + s*B@A per layer every step (the norm "
+              "treated as a constant in backward, as the paper and PEFT do).",
     )
     print(path.read_text())
 

@@ -3,6 +3,7 @@ scores again without training again."""
 
 import json
 
+import lorakit
 from lorakit.cli import main
 from tests.conftest import write_orders_recipe
 
@@ -46,3 +47,21 @@ def test_a_time_budget_gives_each_method_the_steps_that_fit_in_it(tiny_base_dir,
         assert not (output / f".{method}-calibration").exists()
     assert "0.02 minutes of training steps" in capsys.readouterr().out
     assert main(["compare", "--config", str(recipe), "--budget-min", "1", "--max-steps", "3"]) == 2
+
+
+def test_loras_variants_compare_as_methods_of_their_own(tiny_base_dir, tmp_path, capsys):
+    recipe = write_orders_recipe(tmp_path, tiny_base_dir, "recipe.yaml", eval_every=0, save_every=0)
+    output = tmp_path / "compare"
+    assert main(["compare", "--config", str(recipe), "--methods", "dora,pissa", "--test",
+                 str(tmp_path / "val.jsonl"), "--max-steps", "2", "--limit", "2", "--output", str(output),
+                 "--no-progress"]) == 0
+    rows = [line for line in (output / "compare.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| DoRA", "| PiSSA"]
+    results = {m: json.loads((output / m / "compare.json").read_text()) for m in ("dora", "pissa")}
+    assert results["dora"]["trainable"] > results["pissa"]["trainable"]  # LoRA's A and B, and DoRA's m
+    assert lorakit.read_adapter_config(output / "dora").use_dora
+    recipe_r = lorakit.read_adapter_config(output / "dora").r
+    assert lorakit.read_adapter_config(output / "pissa").r == 2 * recipe_r  # saved for the untouched base
+    assert all(r["merged_latency"] is not None and r["servable"] for r in results.values())
+    assert main(["compare", "--config", str(recipe), "--methods", "lora,qlora"]) == 2
+    assert "rslora, dora, pissa, olora, loraplus" in capsys.readouterr().err

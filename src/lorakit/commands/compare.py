@@ -18,11 +18,13 @@ def register(commands) -> None:
         "size, step time, peak training memory, added forward latency unmerged and merged, and whether "
         "`lorakit serve` serves it. Writes OUTPUT/compare.md and OUTPUT/compare.png; each method's run lies in "
         "OUTPUT/METHOD. Run the same command again to resume an interrupted comparison. LoRA uses the recipe's "
-        "learning rate, every other method its own default.",
+        "learning rate, every other method its own default. LoRA's variants compare as methods of their own: "
+        "rslora, dora, pissa, olora and loraplus (LoRA with that switch on, the recipe's settings otherwise).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", type=Path, required=True, help="training recipe (YAML), as for lorakit train")
-    parser.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated methods to compare")
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES),
+                        help="comma-separated methods to compare (also: rslora, dora, pissa, olora, loraplus)")
     parser.add_argument("--test", type=Path, default=Path("data/orders/test.jsonl"), help="JSONL split to score on")
     parser.add_argument("--max-steps", type=int, help="steps for every method (default: the recipe's max_steps)")
     parser.add_argument("--budget-min", type=finite_float, metavar="MINUTES",

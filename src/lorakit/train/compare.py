@@ -11,6 +11,8 @@ stored, median step time (from the run's metrics), and the latency of one forwar
 
 Learning rates: LoRA takes the recipe's; every other method its own default (``lorakit train --help``),
 since a rate tuned for LoRA is far too large for full fine-tuning and far too small for soft prompts.
+LoRA's variants (``LORA_VARIANTS``: rsLoRA, DoRA, PiSSA, OLoRA, LoRA+) are compared as methods of their
+own: LoRA with the recipe's settings and rate, and that variant's switch on.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from lorakit.train.metrics import METRICS_FILE, read_metrics
 
 RESULT_FILE = "compare.json"  # a method's scores, for reading (each run scores again)
 TRAINED_FILE = "trained.json"  # a finished training run's budget, steps, peak memory and time
+# LoRA with one variant switched on: the `lorakit train` flags that make it.
+LORA_VARIANTS = {"rslora": ["--use-rslora"], "dora": ["--use-dora"], "pissa": ["--init", "pissa"],
+                 "olora": ["--init", "olora"], "loraplus": ["--loraplus-lr-ratio", "16"]}
 CALIBRATION_STEPS = 4  # steps of a method's short run that measures its step time for --budget-min
 PROBE_TOKENS = 128
 
@@ -81,9 +86,10 @@ def compare(recipe: Path, methods: list[str], output: Path, test: Path, max_step
     short calibration run of the method first)."""
     if max_steps and budget_min:
         raise ConfigError("give --max-steps or --budget-min, not both")
-    unknown = [m for m in methods if m not in METHOD_NAMES]
+    unknown = [m for m in methods if m not in METHOD_NAMES and m not in LORA_VARIANTS]
     if unknown or not methods:
-        raise ConfigError(f"--methods takes a comma-separated list of {', '.join(METHOD_NAMES)}; got {unknown or '-'}")
+        raise ConfigError(f"--methods takes a comma-separated list of {', '.join(METHOD_NAMES)} or LoRA's variants "
+                          f"{', '.join(LORA_VARIANTS)}; got {unknown or '-'}")
     config = from_sources(recipe, None)
     if max_steps:
         config = TrainConfig(**{**config.to_dict(), "max_steps": max_steps})
@@ -139,11 +145,13 @@ def _score(method: str, base: str, directory: Path, training: dict, records: lis
     model, _ = load_for_inference(None if method == "full" else base, directory)
     trained = method_of_directory(directory)
     trainable = sum(p.numel() for p in (model.parameters() if method == "full" else trained.slots(model).values()))
+    if method in ("pissa", "olora"):  # its file holds the initial A0 and B0 beside the trained A and B
+        trainable //= 2
     score = score_model(model, tokenizer, records, method, batch_size, progress)
     merged_model = None
     if trained.mergeable and method != "full":  # a merged copy, timed beside the base and the unmerged model
         merged_model = copy.deepcopy(model)
-        merge(merged_model) if method == "lora" else merge_ia3(merged_model)
+        merge(merged_model) if trained.name == "lora" else merge_ia3(merged_model)
     base_latency, latency, merged = _latencies(model, probe, merged_model)
     metrics = read_metrics(directory / METRICS_FILE)
     steps = [r["tokens"] / r["tokens_per_s"] for r in metrics if r.get("tokens_per_s")]
@@ -171,9 +179,11 @@ def _steps_within(method: str, recipe: Path, config: TrainConfig, output: Path, 
 
 def _train_in_own_process(method: str, recipe: Path, config: TrainConfig, directory: Path,
                           progress: bool, extra: list[str] = ()) -> tuple[int, float]:
-    """(peak resident bytes, seconds) of ``lorakit train --method METHOD`` into ``directory``."""
-    lr = config.lr if method == "lora" else 0.0  # 0: the method's own default
-    command = [sys.executable, "-m", "lorakit", "train", "--config", str(recipe), "--method", method,
+    """(peak resident bytes, seconds) of ``lorakit train --method METHOD`` (or a LoRA variant) into ``directory``."""
+    lora = method == "lora" or method in LORA_VARIANTS
+    lr = config.lr if lora else 0.0  # 0: the method's own default
+    command = [sys.executable, "-m", "lorakit", "train", "--config", str(recipe),
+               "--method", "lora" if lora else method, *LORA_VARIANTS.get(method, []),
                "--output", str(directory), "--max-steps", str(config.max_steps), "--lr", repr(lr)]
     command.append("--resume" if latest_checkpoint(directory) is not None else "--overwrite")
     command += extra

@@ -7,7 +7,8 @@ from pathlib import Path
 from lorakit.train.compare import Comparison
 
 NAMES = {"lora": "LoRA", "full": "full fine-tuning", "prompt": "prompt tuning", "prefix": "prefix tuning",
-         "ia3": "IA³", "adapter": "bottleneck adapters"}
+         "ia3": "IA³", "adapter": "bottleneck adapters", "rslora": "rsLoRA", "dora": "DoRA", "pissa": "PiSSA",
+         "olora": "OLoRA", "loraplus": "LoRA+"}
 
 
 def markdown(comparison: Comparison) -> str:
@@ -24,8 +25,9 @@ def markdown(comparison: Comparison) -> str:
         merged = _latency(r.merged_latency, r.base_latency) if r.merged_latency is not None else "cannot merge"
         if r.method == "full":
             merged = "is the model"
-        served = {"lora": "yes, batched beside other adapters", "full": "yes, as the base",
-                  "ia3": "merged into the base, as the base"}.get(r.method, "no")
+        served = {"full": "yes, as the base", "ia3": "merged into the base, as the base"}.get(r.method, "no")
+        if r.servable and r.method not in ("full", "ia3"):
+            served = "yes, batched beside other adapters"
         lines.append(f"| {NAMES[r.method]} | {100 * r.exact_match:.1f}% | {r.test_loss:.3f} | {val} | {r.steps} | "
                      f"{r.train_seconds / 60:.1f} min | "
                      f"{r.trainable:,} | {_size(r.stored_bytes)} | {1000 * r.step_seconds:.0f} ms | "

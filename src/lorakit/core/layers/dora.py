@@ -42,8 +42,10 @@ def magnitude_shape(weight: torch.Tensor, transposed: bool) -> tuple[int, ...]:
 
 
 def dora_factor(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """(out,) f = m / ||W + delta||, the norm detached; ``delta`` is s * B @ A laid out like ``weight``."""
-    norms = unit_norms(weight.to(delta.dtype) + delta.detach(), transposed).detach()
+    """(out,) f = m / ||W + delta||, the norm a constant for autograd; ``delta`` is s * B @ A laid out like
+    ``weight``."""
+    with torch.no_grad():
+        norms = unit_norms(weight.to(delta.dtype) + delta, transposed)
     return magnitude.flatten().to(norms.dtype) / norms
 
 
@@ -61,8 +63,9 @@ def dora_weight_change(weight: torch.Tensor, delta: torch.Tensor, magnitude: tor
 def dora_output(layer, result: torch.Tensor, x: torch.Tensor, adapter, base: torch.Tensor) -> torch.Tensor:
     """``result`` plus what DoRA ``adapter`` changes in the output of ``layer`` (a LoraLayer whose
     family supports DoRA); ``base`` is the base layer's own output for x, bias included."""
-    weight = layer.weight
-    factor = dora_factor(weight, layer._delta_weight(adapter), adapter.magnitude, layer.weight_is_transposed)
+    with torch.no_grad():  # B @ A only feeds the norm, which backward treats as a constant
+        delta = layer._delta_weight(adapter)
+    factor = dora_factor(layer.weight, delta, adapter.magnitude, layer.weight_is_transposed)
     factor = layer.per_output_channel(factor.to(result.dtype))
     dropped = adapter.dropout(x)
     if dropped is x:  # no dropout (or not training): Wx is the base output without its bias
