@@ -3,6 +3,7 @@ recipe (SmolLM2-135M-Instruct, the orders data, 120 steps for every method), its
 kept in bench/results/ with the machine and date.
 
     python bench/compare.py [--methods lora,full,prompt,prefix,ia3,adapter] [--output out/compare]
+    python bench/compare.py --variants     # LoRA, rsLoRA, DoRA, PiSSA, LoRA+ (out/variants -> variants_cpu.md)
 
 Rerunning resumes: methods already trained in --output are scored again, not trained again (their
 training time and peak memory are kept from when they trained; delete --output to start over).
@@ -26,7 +27,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default="lora,full,prompt,prefix,ia3,adapter")
     parser.add_argument("--output", type=Path, default=ROOT / "out" / "compare")
+    parser.add_argument("--variants", action="store_true",
+                        help="LoRA's variants instead: --methods lora,rslora,dora,pissa,loraplus, --output out/variants")
     args = parser.parse_args()
+    name, title = "compare", "LoRA among its alternatives"
+    if args.variants:
+        args.methods, args.output = "lora,rslora,dora,pissa,loraplus", ROOT / "out" / "variants"
+        name, title = "variants", "LoRA's variants"
     command = ["lorakit", "compare", "--config", "configs/smollm2-orders.yaml", "--methods", args.methods,
                "--test", "data/orders/test.jsonl", "--output", str(args.output)]
     started = time.perf_counter()
@@ -34,13 +41,14 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     table = (args.output / "compare.md").read_text(encoding="utf-8")
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "compare_cpu.md"
-    path.write_text(f"# LoRA among its alternatives: the demo task (SmolLM2-135M-Instruct, orders), cpu\n\n"
-                    f"Command: `python bench/compare.py` (runs `{' '.join(command[:-2])}`)  \n"
+    path = RESULTS / f"{name}_cpu.md"
+    invocation = "python bench/compare.py" + (" --variants" if args.variants else "")
+    path.write_text(f"# {title}: the demo task (SmolLM2-135M-Instruct, orders), cpu\n\n"
+                    f"Command: `{invocation}` (runs `{' '.join(command[:-2])}`)  \n"
                     f"Machine: {machine()}  \nDate: {time.strftime('%Y-%m-%d')}  \n"
                     f"Wall time of this run: {minutes:.0f} min (methods already trained in {args.output.name}/ "
                     "are scored again, not trained again; the table's training column is each method's own run)\n\n" + table, encoding="utf-8")
-    shutil.copyfile(args.output / "compare.png", RESULTS / "compare_cpu.png")
+    shutil.copyfile(args.output / "compare.png", RESULTS / f"{name}_cpu.png")
     print(path.read_text())
 
 

@@ -1,6 +1,8 @@
 """lorakit rank, resize and combine: exact against dense float64 maths, and combine equal to PEFT's
 add_weighted_adapter on the same adapters."""
 
+import re
+
 import pytest
 import torch
 from peft import PeftModel
@@ -153,3 +155,17 @@ def test_combine_command_on_embedding_adapters_equals_peft(tmp_path, capsys):
     ours = case.run(lorakit.load_adapter(case.model(), tmp_path / "mix"), x)
     theirs = case.run(_peft_combined(tmp_path, [first, second], [1, 0.5], "svd", case=case), x)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_resize_scores_both_adapters_on_data(tiny_base_dir, tmp_path, capsys):
+    from lorakit.models.base import load_base
+    from tasks import orders
+
+    orders.write_splits(tmp_path, {"val": 3})
+    model, _ = load_base(str(tiny_base_dir))
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path / "a")
+    assert main(["resize", str(tmp_path / "a"), "--rank", "1", "--output", str(tmp_path / "r1"), "--data",
+                 str(tmp_path / "val.jsonl"), "--base", str(tiny_base_dir)]) == 0
+    assert re.search(r"exact match on .*val.jsonl: \d+\.\d% \(r=4\) -> \d+\.\d% \(r=1\)", capsys.readouterr().out)

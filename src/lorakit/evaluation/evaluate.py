@@ -13,12 +13,11 @@ from pathlib import Path
 
 from torch import nn
 
-from lorakit.core.adapters import delete_adapter, disable_adapters
+from lorakit.core.adapters import disable_adapters
 from lorakit.core.merge import merge, unmerge
 from lorakit.data.records import read_records
 from lorakit.data.tokenize import padding_id, reference_text, tokenize_record
 from lorakit.evaluation.greedy_check import GreedyStart, answer_span, check_references
-from lorakit.files.peft_format import load_adapter
 from lorakit.generation.generate import (
     StopUnlessJsonObject,
     cannot_be_json_object,
@@ -160,17 +159,11 @@ def _one_line(text: str, width: int = 160) -> str:
 
 def adapters_exact_match(base: str | None, adapters: list[Path], data: str | Path, limit: int | None = None,
                          batch_size: int = 16, progress: bool = False) -> list[float]:
-    """Exact match of each adapter in turn (merged, on one base model loaded once) on ``data``."""
+    """Exact match of each adapter in turn, merged into a fresh copy of the base model, on ``data``."""
     records = read_records(data)[:limit]
-    model, tokenizer = load_for_inference(base, None)
     results = []
-    for i, adapter in enumerate(adapters):
-        name = f"adapter{i}"
-        load_adapter(model, adapter, name=name)
+    for adapter in adapters:
+        model, tokenizer = load_for_inference(base, adapter)
         merge(model)
-        try:
-            results.append(score_model(model, tokenizer, records, name, batch_size, progress).exact_match)
-        finally:
-            unmerge(model)
-            delete_adapter(model, name)
+        results.append(score_model(model, tokenizer, records, str(adapter), batch_size, progress).exact_match)
     return results
