@@ -192,3 +192,27 @@ def test_requests_joining_and_leaving_at_random_steps_each_get_their_greedy_toke
         engine.step()
     for (prompt, adapter, n), request in zip(jobs, requests, strict=True):
         assert request.ids == _alone(model, prompt, adapter, n), (adapter, n)
+
+
+def test_a_dora_adapter_decodes_beside_plain_ones_and_the_registry_takes_its_file(tiny_base_dir, tmp_path):
+    from lorakit.core.walk import lora_layers
+    from lorakit.serve.registry import AdapterRegistry
+
+    model = LlamaForCausalLM.from_pretrained(tiny_base_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=4, target_modules="all-linear", use_dora=True), name="dora")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=2, target_modules="all-linear"), name="plain")
+    randomize_adapters(model, std=0.3)
+    for _, layer in lora_layers(model):
+        layer.lora["dora"].magnitude.data.mul_(1.3)
+    prompts = _prompts(tokenizer, 4)
+    adapters = ["dora", "plain", None, "dora"]
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    together = Engine(model, tokenizer).generate(prompts, adapters, greedy)
+    assert together == [_alone(model, p, a, 10) for p, a in zip(prompts, adapters, strict=True)]
+
+    lorakit.save_adapter(model, tmp_path / "dora", name="dora")
+    registry = AdapterRegistry(LlamaForCausalLM.from_pretrained(tiny_base_dir).eval())
+    registry.register("d", tmp_path / "dora")
+    registry.acquire("d")
+    assert registry.info("d").loaded and lorakit.get_adapter_config(registry.model, "d").use_dora
