@@ -72,4 +72,6 @@ def dora_output(layer, result: torch.Tensor, x: torch.Tensor, adapter, base: tor
         weighted = base if layer.bias is None else base - layer.per_output_channel(layer.bias.to(base.dtype))
     else:
         weighted = layer.weight_output(dropped)
-    return result + (factor - 1) * weighted + factor * layer.adapter_update(dropped, adapter)
+    # result + (f - 1) Wx + f s B(A(x)), written so that backward keeps one (..., out) tensor per
+    # layer (Wx + sB(A(x)), for m's gradient) instead of two
+    return result - weighted + factor * (weighted + layer.adapter_update(dropped, adapter))
