@@ -29,20 +29,29 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "out" / "compare")
     parser.add_argument("--variants", action="store_true",
                         help="LoRA's variants instead: --methods lora,rslora,dora,pissa,loraplus, --output out/variants")
+    parser.add_argument("--lr", type=float, help="with --variants: a learning rate of their own instead of the "
+                        "recipe's, for the variants named by --methods (out/variants-lr<LR>, variants_lr<LR>_cpu.md)")
     args = parser.parse_args()
     name, title = "compare", "LoRA among its alternatives"
     if args.variants:
-        args.methods, args.output = "lora,rslora,dora,pissa,loraplus", ROOT / "out" / "variants"
         name, title = "variants", "LoRA's variants"
+        if args.lr:
+            name, title = f"variants_lr{args.lr:g}", f"LoRA's variants at learning rate {args.lr:g}"
+        else:
+            args.methods = "lora,rslora,dora,pissa,loraplus"
+        args.output = ROOT / "out" / name.replace("_", "-")
     command = ["lorakit", "compare", "--config", "configs/smollm2-orders.yaml", "--methods", args.methods,
                "--test", "data/orders/test.jsonl", "--output", str(args.output)]
+    if args.lr:
+        command[-2:-2] = ["--lr", f"{args.lr:g}"]
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "lorakit", *command[1:]], cwd=ROOT, check=True)
     minutes = (time.perf_counter() - started) / 60
     table = (args.output / "compare.md").read_text(encoding="utf-8")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}_cpu.md"
-    invocation = "python bench/compare.py" + (" --variants" if args.variants else "")
+    invocation = "python bench/compare.py" + (" --variants" if args.variants else "") + \
+        (f" --lr {args.lr:g} --methods {args.methods}" if args.lr else "")
     path.write_text(f"# {title}: the demo task (SmolLM2-135M-Instruct, orders), cpu\n\n"
                     f"Command: `{invocation}` (runs `{' '.join(command[:-2])}`)  \n"
                     f"Machine: {machine()}  \nDate: {time.strftime('%Y-%m-%d')}  \n"

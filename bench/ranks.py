@@ -110,7 +110,7 @@ def plot(ranks: list[int], exact: list[float], resized: float, path: Path) -> No
     axis.set(xlabel="LoRA rank r (alpha = 2r)", ylabel="exact match on the test split (%)",
              title="Demo task: exact match against rank")
     axis.grid(True, alpha=0.3)
-    axis.legend(loc="lower right")
+    axis.legend(loc="lower left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

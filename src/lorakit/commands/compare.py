@@ -31,6 +31,9 @@ def register(commands) -> None:
                         help="instead of a number of steps, the same training time for every method: as many steps "
                         "as fit in MINUTES, from each method's step time on a short calibration run")
     parser.add_argument("--limit", type=int, help="score the first N test examples only")
+    parser.add_argument("--lr", type=finite_float,
+                        help="learning rate for LoRA and its variants (default: the recipe's); other methods keep "
+                        "their own")
     parser.add_argument("--output", type=Path, default=Path("out/compare"), help="directory for every run and "
                         "the table")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="draw no progress bars")
@@ -47,9 +50,11 @@ def _compare(args: argparse.Namespace) -> int:
         raise ConfigError("--limit and --max-steps must be at least 1")
     if args.budget_min is not None and args.budget_min <= 0:
         raise ConfigError("--budget-min must be a positive number of minutes")
+    if args.lr is not None and args.lr <= 0:
+        raise ConfigError("--lr must be a positive learning rate")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     comparison = compare(args.config, methods, args.output, args.test, args.max_steps, args.limit, args.progress,
-                         args.budget_min)
+                         args.budget_min, args.lr)
     table = markdown(comparison)
     atomic_write_text(args.output / "compare.md", table)
     chart = plot(comparison, args.output / "compare.png")

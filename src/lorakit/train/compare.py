@@ -80,10 +80,11 @@ class Comparison:
 
 
 def compare(recipe: Path, methods: list[str], output: Path, test: Path, max_steps: int | None = None,
-            limit: int | None = None, progress: bool = True, budget_min: float | None = None) -> Comparison:
+            limit: int | None = None, progress: bool = True, budget_min: float | None = None,
+            lr: float | None = None) -> Comparison:
     """Train and score each of ``methods``: ``max_steps`` steps each (default: the recipe's), or with
     ``budget_min``, as many steps as fit in that many minutes of training for each (measured on a
-    short calibration run of the method first)."""
+    short calibration run of the method first). ``lr`` replaces the recipe's rate for LoRA and its variants."""
     if max_steps and budget_min:
         raise ConfigError("give --max-steps or --budget-min, not both")
     unknown = [m for m in methods if m not in METHOD_NAMES and m not in LORA_VARIANTS]
@@ -93,6 +94,8 @@ def compare(recipe: Path, methods: list[str], output: Path, test: Path, max_step
     config = from_sources(recipe, None)
     if max_steps:
         config = TrainConfig(**{**config.to_dict(), "max_steps": max_steps})
+    if lr:
+        config = TrainConfig(**{**config.to_dict(), "lr": lr})
     records = read_records(test)[:limit]
     output.mkdir(parents=True, exist_ok=True)
     base, tokenizer = load_for_inference(config.base, None)
@@ -105,6 +108,8 @@ def compare(recipe: Path, methods: list[str], output: Path, test: Path, max_step
         if bar is not None:
             bar.set_description(f"compare: {method}")
         budget = {"budget_min": budget_min, "steps": None if budget_min else config.max_steps}
+        if lr:  # a run trained at the recipe's rate does not count as one at this rate
+            budget["lr"] = lr
         training = _trained_before(output / method, budget)
         if training is None:
             steps = _steps_within(method, recipe, config, output, budget_min, progress) if budget_min else \
@@ -119,7 +124,8 @@ def compare(recipe: Path, methods: list[str], output: Path, test: Path, max_step
         bar.close()
     settings = {"base": config.base, "train": config.train, "test": str(test), "budget_min": budget_min,
                 "steps": None if budget_min else config.max_steps,
-                "batch_size": config.batch_size, "grad_accum": config.grad_accum, "max_length": config.max_length}
+                "batch_size": config.batch_size, "grad_accum": config.grad_accum, "max_length": config.max_length,
+                "lr": config.lr}
     return Comparison(results, base_score.exact_match, len(records), settings)
 
 
