@@ -128,3 +128,32 @@ def test_pissa_beside_another_adapter_is_refused():
     lorakit.inject(model, lorakit.LoraConfig(target_modules=["q_proj"]), name="first")
     with pytest.raises(ConfigError, match="changes the base weight"):
         lorakit.inject(model, lorakit.LoraConfig(target_modules=["q_proj"], init="pissa"), name="second")
+
+
+def test_without_autograd_the_factor_is_kept_until_a_b_m_or_w_change(monkeypatch):
+    from lorakit.core.layers import dora
+
+    model = dora_model(LLAMA).eval()
+    x = LLAMA.input()
+    calls = []
+    real = dora.dora_factor
+    monkeypatch.setattr(dora, "dora_factor", lambda *a: calls.append(1) or real(*a))
+    layers = len(list(lora_layers(model)))
+    with torch.no_grad():
+        first = LLAMA.run(model, x)
+        assert len(calls) == layers
+        torch.testing.assert_close(LLAMA.run(model, x), first, rtol=0, atol=0)
+        assert len(calls) == layers  # kept
+        q = model.model.layers[0].self_attn.q_proj.lora["default"]
+        q.lora_B.mul_(3)  # an in-place change: its version moves on
+        changed = LLAMA.run(model, x)
+        assert len(calls) == layers + 1 and (changed - first).abs().max() > 1e-4
+    fresh = dora_model(LLAMA).eval()
+    with torch.no_grad():
+        fresh.model.layers[0].self_attn.q_proj.lora["default"].lora_B.mul_(3)
+        torch.testing.assert_close(LLAMA.run(fresh, x), changed, rtol=1e-6, atol=1e-6)
+        q.magnitude.data.mul_(2)  # through .data: no version change, so eval() must clear the kept factor
+        model.eval()
+        assert (LLAMA.run(model, x) - changed).abs().max() > 1e-4
+    LLAMA.run(model, x).sum().backward()  # with autograd: computed afresh, and m gets its gradient
+    assert q.magnitude.grad is not None

@@ -30,11 +30,17 @@ class LoraAdapter(nn.Module):
         super().__init__()
         self.lora_A = nn.Parameter(torch.zeros(a_shape, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
-        # DoRA's magnitude vector m (core/layers/dora.py), set by the layer for a DoRA adapter.
+        # DoRA's magnitude vector m (core/layers/dora.py), set by the layer for a DoRA adapter, and
+        # its factor m / ||W + sBA|| as last computed without autograd: (inputs' versions, factor).
         self.register_parameter("magnitude", None)
+        self.dora_factor_cache: tuple | None = None
         self.dropout = RowKeyedDropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
         self.config = config  # the LoraConfig it came from: save_adapter writes it back out
+
+    def train(self, mode: bool = True) -> LoraAdapter:
+        self.dora_factor_cache = None  # edits through .data bypass the version counters; train()/eval() clear
+        return super().train(mode)
 
     @property
     def r(self) -> int:

@@ -13,6 +13,9 @@ norm. The layer's output is then
 
 computed from the base output already at hand: y = result + (f - 1) * (result - b) + f * s * B(A(x)).
 With dropout while training, PEFT's convention: both Wx and the LoRA branch see the dropped input.
+Without autograd (inference, serving), f is computed once and kept on the adapter until A, B, m or
+W change (their version counters say so) or the model's train()/eval() is called: then a DoRA
+forward costs what a plain LoRA one does.
 
 Files: PEFT's ``<module>.lora_magnitude_vector`` holds m, shaped (out,) for a linear map and
 (1, out, 1...) for a convolution; lorakit keeps the Parameter in that shape.
@@ -60,13 +63,28 @@ def dora_weight_change(weight: torch.Tensor, delta: torch.Tensor, magnitude: tor
     return factor * (weight + delta) - weight
 
 
-def dora_output(layer, result: torch.Tensor, x: torch.Tensor, adapter, base: torch.Tensor) -> torch.Tensor:
-    """``result`` plus what DoRA ``adapter`` changes in the output of ``layer`` (a LoraLayer whose
-    family supports DoRA); ``base`` is the base layer's own output for x, bias included."""
+def _factor(layer, adapter) -> torch.Tensor:
+    """f for ``adapter`` on ``layer``: computed afresh where autograd records (m's gradient flows
+    through it), else the kept one while its inputs are unchanged."""
+    recording = torch.is_grad_enabled()
+    key = None
+    if not recording:
+        tensors = (adapter.lora_A, adapter.lora_B, adapter.magnitude, layer.weight)
+        key = tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
+        kept = adapter.dora_factor_cache
+        if kept is not None and kept[0] == key:
+            return kept[1]
     with torch.no_grad():  # B @ A only feeds the norm, which backward treats as a constant
         delta = layer._delta_weight(adapter)
     factor = dora_factor(layer.weight, delta, adapter.magnitude, layer.weight_is_transposed)
-    factor = layer.per_output_channel(factor.to(result.dtype))
+    adapter.dora_factor_cache = None if recording else (key, factor)
+    return factor
+
+
+def dora_output(layer, result: torch.Tensor, x: torch.Tensor, adapter, base: torch.Tensor) -> torch.Tensor:
+    """``result`` plus what DoRA ``adapter`` changes in the output of ``layer`` (a LoraLayer whose
+    family supports DoRA); ``base`` is the base layer's own output for x, bias included."""
+    factor = layer.per_output_channel(_factor(layer, adapter).to(result.dtype))
     dropped = adapter.dropout(x)
     if dropped is x:  # no dropout (or not training): Wx is the base output without its bias
         weighted = base if layer.bias is None else base - layer.per_output_channel(layer.bias.to(base.dtype))
