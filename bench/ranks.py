@@ -62,8 +62,9 @@ def main() -> None:
 
     rows = []
     for r, directory in directories.items():
-        found = spectra(layer_updates(read_adapter(directory), str(directory)))
-        params = sum(t.numel() for t in read_adapter(directory).tensors.values())
+        files = read_adapter(directory)
+        found = spectra(layer_updates(files, str(directory)))
+        params = sum(t.numel() for t in files.tensors.values())
         val = [m["val_loss"] for m in read_metrics(directory / "metrics.jsonl") if "val_loss" in m]
         rank99 = [s.rank_for(0.99) for s in found]
         rows.append((f"r={r}", f"{params:,}", f"{100 * exact[directory]:.1f}%", f"{val[-1]:.4f}",

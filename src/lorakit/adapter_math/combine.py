@@ -63,8 +63,7 @@ def combine(configs: list[LoraConfig], adapters: list[list[LayerUpdate]], weight
         combined.append(LayerUpdate(path, a.float(), b.float(), 1.0, first.embedding))
     targets = tuple(u.path for u in combined)
     config = configs[0].replace(r=new_rank, alpha=float(new_rank), use_rslora=False, rank_pattern={},
-                                alpha_pattern={}, target_modules=targets, exclude_modules=None, init="default",
-                                dropout=configs[0].dropout)
+                                alpha_pattern={}, target_modules=targets, exclude_modules=None, init="default")
     return config, combined
 
 
