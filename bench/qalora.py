@@ -1,15 +1,19 @@
 """QA-LoRA on a 4-bit base against LoRA on the float base: memory, training step, inference.
 
-Three measurements on the real SmolLM2-135M-Instruct (its linear layers read straight from the
+Measurements on the real SmolLM2-135M-Instruct (its linear layers read straight from the
 embedded GGUF's Q4_1 blocks: 4 bits, groups of 32):
 1. memory of the linear weights, group-wise quantized (2/3/4/8 bits) vs float32;
 2. a training step (r=16, alpha=32, all linear layers, same batches of orders examples, AdamW):
-   QA-LoRA on the 4-bit base vs LoRA on the float32 base, step time and peak memory above the
-   loaded model; one child process per measurement, the two alternating, so noise hits both alike;
-3. greedy decoding speed (batch 1, 32 new tokens) of the 4-bit model with a QA-LoRA adapter
-   unmerged, the same merged (still 4-bit), and the float32 model with a LoRA adapter merged.
+   QA-LoRA on the 4-bit base (training computes on the exact de-quantizing path) vs LoRA on the
+   float32 base, step time and peak memory above the loaded model; one child process per
+   measurement, the two alternating, so noise hits both alike;
+3. greedy decoding speed (32 new tokens, batch 1 and batch 16) of the 4-bit model with a QA-LoRA
+   adapter merged (still 4-bit) with the int4 kernel and on the de-quantizing path, the same
+   unmerged, and the float32 model with a LoRA adapter merged;
+4. with --parity-adapter DIR (a QA-LoRA adapter trained on orders): its merged model's greedy answers
+   to data/orders/test.jsonl with the int4 kernel against the de-quantizing path.
 
-    python bench/qalora.py [--trials 3] [--steps 4] [--batch 8] [--device cpu]
+    python bench/qalora.py [--trials 3] [--steps 4] [--batch 8] [--device cpu] [--parity-adapter DIR]
 
 Writes bench/results/qalora_<device>.md.
 """
@@ -32,6 +36,7 @@ from bench.common import PeakMemory, alternate_workers, write_table
 
 VARIANTS = ("qalora", "lora")
 DATA = ROOT / "data" / "orders" / "train.jsonl"
+TEST = ROOT / "data" / "orders" / "test.jsonl"
 PROMPT = "Order: two large pepperoni pizzas and a cola, to 5 Oak Road."
 
 
@@ -106,10 +111,11 @@ def linear_memory() -> list[list[str]]:
     return rows
 
 
-def decode_speeds(device: torch.device, runs: int, new_tokens: int = 32) -> dict[str, float]:
-    """Greedy tokens/s, batch 1, best of ``runs``, for the three inference variants, interleaved."""
+def decode_speeds(device: torch.device, runs: int, batch: int, new_tokens: int = 32) -> dict[str, float]:
+    """Greedy tokens/s (all rows together), best of ``runs``, for the inference variants, interleaved."""
     import lorakit
     from lorakit.generation.prompts import chat_prompt
+    from lorakit.quant.linear import use_int4_kernel
 
     qalora, tokenizer = _model("qalora", device)
     lora, _ = _model("lora", device)
@@ -117,12 +123,13 @@ def decode_speeds(device: torch.device, runs: int, new_tokens: int = 32) -> dict
         for param in [*lorakit.lora_parameters(qalora), *lorakit.lora_parameters(lora)]:
             param.normal_(0, 0.01)
     merged_4bit = lorakit.merge_and_unload(copy.deepcopy(qalora)).eval()  # the same adapter, in the mins
+    merged_exact = use_int4_kernel(copy.deepcopy(merged_4bit), False)
     qalora.eval()
     lorakit.merge(lora.eval())
-    variants = {"4-bit + QA-LoRA, unmerged": qalora, "4-bit, QA-LoRA merged": merged_4bit,
-                "float32 + LoRA, merged": lora}
-    ids = tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": PROMPT}]), return_tensors="pt").input_ids
-    ids = ids.to(device)
+    variants = {KERNEL: merged_4bit, EXACT: merged_exact, "4-bit + QA-LoRA unmerged, int4 kernel": qalora,
+                FLOAT: lora}
+    prompt = chat_prompt(tokenizer, [{"role": "user", "content": PROMPT}])
+    ids = tokenizer([prompt] * batch, return_tensors="pt").input_ids.to(device)
     best = dict.fromkeys(variants, float("inf"))
     with torch.no_grad():
         for _ in range(runs):
@@ -133,7 +140,30 @@ def decode_speeds(device: torch.device, runs: int, new_tokens: int = 32) -> dict
                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
                 _sync(device)
                 best[name] = min(best[name], time.perf_counter() - start)
-    return {name: new_tokens / seconds for name, seconds in best.items()}
+    return {name: batch * new_tokens / seconds for name, seconds in best.items()}
+
+
+KERNEL = "4-bit, QA-LoRA merged, int4 kernel"
+EXACT = "4-bit, QA-LoRA merged, de-quantizing path"
+FLOAT = "float32 + LoRA, merged"
+
+
+def answer_parity(adapter: Path) -> dict:
+    """Greedy answers of ``adapter`` merged into its 4-bit base, on the orders test split, with the int4
+    kernel and on the exact path."""
+    import lorakit
+    from lorakit.data.records import read_records
+    from lorakit.evaluation.evaluate import score_model
+    from lorakit.models.base import load_for_inference
+    from lorakit.quant.linear import use_int4_kernel
+
+    model, tokenizer = load_for_inference(None, adapter)
+    model = lorakit.merge_and_unload(model)
+    records = read_records(TEST)
+    kernel = score_model(model, tokenizer, records, "int4 kernel", batch_size=32, progress=True)
+    exact = score_model(use_int4_kernel(model, False), tokenizer, records, "exact", batch_size=32, progress=True)
+    same = sum(a == b for a, b in zip(kernel.answers, exact.answers, strict=True))
+    return {"same": same, "n": len(records), "kernel": kernel.exact_match, "exact": exact.exact_match}
 
 
 def main() -> None:
@@ -142,6 +172,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per child, after one warm-up")
     parser.add_argument("--batch", type=int, default=8, help="examples per training step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--parity-adapter", type=Path, help="a QA-LoRA adapter trained on orders (configs/"
+                        "smollm2-orders-qalora.yaml): compare its merged answers, int4 kernel vs exact path")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -156,28 +188,40 @@ def main() -> None:
         step = statistics.median(t for r in runs for t in r["times"])
         train[variant] = {"step": step, "peak": statistics.median(r["peak"] for r in runs),
                           "tokens_per_s": runs[0]["tokens"] / args.steps / step, "trainable": runs[0]["trainable"]}
-    speeds = decode_speeds(torch.device(args.device), runs=args.trials)
+    speeds = {batch: decode_speeds(torch.device(args.device), args.trials, batch) for batch in (1, 16)}
 
     rows = [[f"linear weights, {spec}", packed, f"float32: {dense}", ratio] for spec, packed, dense, ratio in memory]
-    q, f = train["qalora"], train["lora"]
+    f = train["lora"]
+    lora_step = (f"LoRA on float32: {f['step'] * 1000:.0f} ms, {f['tokens_per_s']:,.0f} tok/s, "
+                 f"peak +{f['peak'] / 2**20:.0f} MiB")
+    q = train["qalora"]
     rows.append(["training step, QA-LoRA on the 4-bit base",
                  f"{q['step'] * 1000:.0f} ms, {q['tokens_per_s']:,.0f} tok/s, peak +{q['peak'] / 2**20:.0f} MiB",
-                 (f"LoRA on float32: {f['step'] * 1000:.0f} ms, {f['tokens_per_s']:,.0f} tok/s, "
-                  f"peak +{f['peak'] / 2**20:.0f} MiB"),
-                 f"time **{q['step'] / f['step']:.2f}x**, memory **{q['peak'] / f['peak']:.2f}x**"])
-    unmerged_name = "4-bit + QA-LoRA, unmerged"
-    unmerged = speeds[unmerged_name]
-    rows += [[f"greedy decoding, {name}", f"{tps:.1f} tok/s", f"{unmerged_name}: {unmerged:.1f} tok/s",
-              f"**{tps / unmerged:.2f}x**"] for name, tps in speeds.items() if name != unmerged_name]
+                 lora_step, f"time **{q['step'] / f['step']:.2f}x**, memory **{q['peak'] / f['peak']:.2f}x**"])
+    for batch, by_name in speeds.items():
+        rows += [[f"greedy decoding, batch {batch}: {name}", f"{tps:.1f} tok/s",
+                  f"{FLOAT}: {by_name[FLOAT]:.1f} tok/s", f"**{tps / by_name[FLOAT]:.2f}x**"]
+                 for name, tps in by_name.items() if name != FLOAT]
+    if args.parity_adapter is not None:
+        parity = answer_parity(args.parity_adapter)
+        rows.append([(f"greedy answers to the {parity['n']} orders test prompts, {args.parity_adapter} merged: "
+                      "int4 kernel vs de-quantizing path"), f"same answer on {parity['same']} of {parity['n']}",
+                     f"exact match: kernel {parity['kernel']:.1%}, de-quantizing {parity['exact']:.1%}",
+                     f"**{parity['same'] / parity['n']:.3f}**"])
     command = f"python bench/qalora.py --trials {args.trials} --steps {args.steps} --batch {args.batch} --device {args.device}"
+    if args.parity_adapter is not None:
+        command += f" --parity-adapter {args.parity_adapter}"
     path = write_table(
         f"qalora_{args.device}", f"QA-LoRA on a 4-bit base vs LoRA on float32 (SmolLM2-135M-Instruct, {args.device})",
         command, ["measured", "value", "compared with", "ratio"], rows,
         notes="Quantized sizes count packed codes plus float16 scales and mins. Training: batches of "
               f"{args.batch} orders examples, forward + backward + AdamW, {args.trials} alternating child processes x "
-              f"{args.steps} steps; QA-LoRA trains {q['trainable']:,} adapter parameters (its A is (r, in/32)), "
-              f"LoRA {f['trainable']:,}. The 4-bit layers de-quantize their weights in every forward (and again "
-              "in backward), which costs time on a CPU and saves the float copy.",
+              f"{args.steps} steps; QA-LoRA trains {train['qalora']['trainable']:,} adapter parameters (its A is "
+              f"(r, in/32)), LoRA {f['trainable']:,}. Training de-quantizes the 4-bit weights in forward and again in "
+              "backward (float32, exact). Inference with the int4 kernel computes x W^T from the packed codes in "
+              "bfloat16 (activations rounded to bfloat16, float32 accumulation); the de-quantizing path is the "
+              "exact float32 reference. "
+              f"Decoding: {args.trials} interleaved runs each, best kept; batch 16 is 16 copies of one prompt.",
     )
     print(path.read_text())
 

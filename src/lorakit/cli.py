@@ -12,6 +12,7 @@ from lorakit.commands import (
     compare,
     compress,
     evaluate,
+    export,
     generate,
     info,
     merge,
@@ -49,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for command in (train, compare, evaluate, generate, merge, rank, resize, combine, quantize, compress, info, serve):
+    for command in (train, compare, evaluate, generate, merge, export, rank, resize, combine, quantize, compress,
+                    info, serve):
         command.register(commands)
     return parser
 

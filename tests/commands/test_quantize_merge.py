@@ -9,7 +9,7 @@ import torch
 from lorakit.cli import main
 from lorakit.models.base import load_base, load_for_inference
 from lorakit.models.quantized import QuantSpec, load_quantized
-from lorakit.quant.linear import QuantLinear, quantize_linears
+from lorakit.quant.linear import QuantLinear, quantize_linears, use_int4_kernel
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import train
 from tasks import orders
@@ -30,6 +30,8 @@ def runs(tmp_path_factory, tiny_base_dir):
 
 
 def _logits(model):
+    """On the exact de-quantizing path: these tests check merges, not the int4 kernel's bfloat16."""
+    use_int4_kernel(model, False)
     with torch.no_grad():
         return model(IDS).logits
 
@@ -84,9 +86,9 @@ def test_eval_scores_the_merged_model_as_the_unmerged_adapter(runs, tiny_base_di
                  "--output", str(tmp_path / "merged")]) == 0
     data = str(runs / "test.jsonl")
     assert main(["eval", "--adapter", str(runs / "qalora"), "--base", str(tiny_base_dir), "--unmerged",
-                 "--data", data, "--examples", "4"]) == 0
+                 "--data", data, "--examples", "4", "--exact-4bit"]) == 0
     unmerged = _rows(capsys.readouterr().out, "adapter")
-    assert main(["eval", "--base", str(tmp_path / "merged"), "--data", data, "--examples", "4"]) == 0
+    assert main(["eval", "--base", str(tmp_path / "merged"), "--data", data, "--examples", "4", "--exact-4bit"]) == 0
     merged = _rows(capsys.readouterr().out, "model")
     assert len(merged) == 5 and merged == unmerged  # the same score and loss, and the same answer to each example
 

@@ -34,8 +34,10 @@ def test_a_merged_qalora_smollm2_reads_back_from_gguf_with_the_same_logits(tmp_p
 
     from lorakit.models.base import embedded_gguf_path, load_base
     from lorakit.models.quantized import QuantSpec
+    from lorakit.quant.linear import use_int4_kernel
 
     model, tokenizer = load_base(quant=QuantSpec(4, 32))
+    use_int4_kernel(model, False)  # the merge's own arithmetic, in float32 (transformers' reader computes in it too)
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     randomize_adapters(model, std=0.02)
     ids = tokenizer("Two boxes of green tea to 12 Elm Street.", return_tensors="pt").input_ids

@@ -216,3 +216,20 @@ def test_a_dora_adapter_decodes_beside_plain_ones_and_the_registry_takes_its_fil
     registry.register("d", tmp_path / "dora")
     registry.acquire("d")
     assert registry.info("d").loaded and lorakit.get_adapter_config(registry.model, "d").use_dora
+
+
+def test_a_bfloat16_model_serves_mixed_adapters_as_each_alone(tiny_base_dir):
+    """`lorakit serve --dtype bfloat16`: base weights and cache in bfloat16, adapters kept in float32 and
+    applied in the base's dtype, rows on different adapters still each get their own greedy tokens."""
+    model = LlamaForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.bfloat16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+    for name in ("a", "b"):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=4, target_modules="all-linear"), name=name)
+    randomize_adapters(model, std=0.3)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora["a"].lora_A.dtype == torch.float32
+    prompts = _prompts(tokenizer, 4)
+    adapters = ["a", None, "b", "a"]
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    together = Engine(model, tokenizer).generate(prompts, adapters, greedy)
+    assert together == [_alone(model, p, a, 10) for p, a in zip(prompts, adapters, strict=True)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorakit.argtypes import EXACT_4BIT_HELP
+
 
 def register(commands) -> None:
     parser = commands.add_parser(
@@ -31,6 +33,7 @@ def register(commands) -> None:
     parser.add_argument("--unmerged", action="store_true",
                         help="score the adapter computed beside the base layers, as trained, instead of merged into "
                         "them (for a 4-bit QA-LoRA adapter the merge rounds the shifted mins to float16)")
+    parser.add_argument("--exact-4bit", action="store_true", help=EXACT_4BIT_HELP)
     parser.set_defaults(run=_eval)
 
 
@@ -50,7 +53,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError("--limit and --batch-size must be at least 1")
     if is_image_data(str(args.data)):
         return _eval_images(args)
-    model, tokenizer = load_for_inference(args.base, args.adapter)
+    model, tokenizer = load_for_inference(args.base, args.adapter, exact_4bit=args.exact_4bit)
     whole_model = args.adapter is not None and method_of_directory(args.adapter).name == "full"
     if args.adapter is None or whole_model:  # a fully fine-tuned model has no base inside it to compare with
         records = read_records(args.data)[:args.limit]

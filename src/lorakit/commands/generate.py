@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lorakit.argtypes import finite_float
+from lorakit.argtypes import EXACT_4BIT_HELP, finite_float
 
 
 def register(commands) -> None:
@@ -38,6 +38,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
     parser.add_argument("--temperature", type=finite_float, default=0.0, help="0 decodes greedily")
     parser.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    parser.add_argument("--exact-4bit", action="store_true", help=EXACT_4BIT_HELP)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -53,7 +54,7 @@ def _generate(args: argparse.Namespace) -> int:
     from lorakit.models.base import load_for_inference
 
     _check(args)
-    model, tokenizer = load_for_inference(args.base, args.adapter)
+    model, tokenizer = load_for_inference(args.base, args.adapter, exact_4bit=args.exact_4bit)
     prompts = args.messages if args.raw else [
         chat_prompt(tokenizer, [{"role": "user", "content": m}]) for m in args.messages]
     replies = generate_texts(model, tokenizer, prompts, args.max_new_tokens, temperature=args.temperature,
@@ -73,7 +74,7 @@ def _chat(args: argparse.Namespace) -> int:
     from lorakit.models.base import load_for_inference
 
     _check(args)
-    model, tokenizer = load_for_inference(args.base, args.adapter)
+    model, tokenizer = load_for_inference(args.base, args.adapter, exact_4bit=args.exact_4bit)
     opening = [{"role": "system", "content": args.system}] if args.system else []
     history = list(opening)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

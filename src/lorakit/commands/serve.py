@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from lorakit.argtypes import finite_float
+from lorakit.argtypes import EXACT_4BIT_HELP, finite_float
 
 
 def register(commands) -> None:
@@ -51,6 +51,11 @@ def register(commands) -> None:
     serve.add_argument("--max-body-kb", type=int, default=1024, help="largest request body accepted")
     serve.add_argument("--request-timeout", type=finite_float, default=300.0, metavar="S",
                        help="longest a request may take, from arrival to last token (then 504)")
+    serve.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="the base model's weights and cache; bfloat16 halves what each decoding step reads and "
+                       "runs on native bfloat16 instructions where the CPU has them (AVX512-BF16, AMX) or on a GPU: "
+                       "faster, but greedy answers may differ from float32's on near-ties (adapters stay float32)")
+    serve.add_argument("--exact-4bit", action="store_true", help=EXACT_4BIT_HELP)
     serve.add_argument("--max-connections", type=int, default=256,
                        help="connections open at once; requests beyond them are answered 503")
     serve.add_argument("--receive-timeout", type=finite_float, default=30.0, metavar="S",
@@ -92,6 +97,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, adapters: dict[str, Path], tenants) -> int:
+    import torch
+
     from lorakit.errors import ConfigError
     from lorakit.models.base import load_for_inference
     from lorakit.serve.app import Limits, create_app, start_service
@@ -101,7 +108,7 @@ def _run(args: argparse.Namespace, adapters: dict[str, Path], tenants) -> int:
         sock = listening_socket(args.host, args.port)
     except OSError as err:
         raise ConfigError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); choose another --port") from None
-    model, tokenizer = load_for_inference(args.base, None)
+    model, tokenizer = load_for_inference(args.base, None, getattr(torch, args.dtype), exact_4bit=args.exact_4bit)
     limits = Limits(max_body_bytes=args.max_body_kb * 1024, max_prompt_tokens=args.max_prompt_tokens,
                     max_tokens=args.max_tokens, request_timeout_s=args.request_timeout)
     service = start_service(model, tokenizer, adapters, tenants, args.adapter_dir, limits, args.max_batch,

@@ -32,6 +32,7 @@ from lorakit.models.quantized import (
     quantize_model,
     quantized_spec,
 )
+from lorakit.quant.linear import use_int4_kernel
 
 DEFAULT_BASE = "smollm2"
 DEFAULT_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -168,11 +169,13 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_for_inference(base: str | None, adapter: str | Path | None, dtype: torch.dtype = torch.float32):
+def load_for_inference(base: str | None, adapter: str | Path | None, dtype: torch.dtype = torch.float32,
+                       exact_4bit: bool = False):
     """(model, tokenizer) in eval mode on the best device, with ``adapter`` loaded if given: a LoRA,
     IA³, prompt, prefix or bottleneck adapter directory, or the model directory full fine-tuning
     wrote (then it is the model, and ``base`` must be left out). A QA-LoRA adapter gets its base
-    quantized as it was in training (unless ``base`` already is)."""
+    quantized as it was in training (unless ``base`` already is). 4-bit layers compute with the int4
+    kernel (bfloat16) where it exists; ``exact_4bit`` keeps them on the exact de-quantizing path."""
     method = method_of_directory(adapter) if adapter is not None else None
     if method is not None and method.name == "full":
         if base is not None:
@@ -189,5 +192,6 @@ def load_for_inference(base: str | None, adapter: str | Path | None, dtype: torc
             print(f"lorakit: warning: {adapter} was trained on {recorded}, not {model.name_or_path}", file=sys.stderr)
         method.load(model, Path(adapter))
     model.config.use_cache = True
+    use_int4_kernel(model, not exact_4bit)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer

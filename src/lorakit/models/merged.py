@@ -80,7 +80,9 @@ def merge_to_directory(base: str | None, adapter: str | Path, output: Path, requ
     elif fp32_mins:
         raise ConfigError("--fp32-mins applies to QA-LoRA adapters only")
     template = gguf_source(base) if gguf is not None else None
-    model, tokenizer = load_for_inference(base, adapter)
+    # The probe measures the merge, so both sides compute on the exact de-quantizing path (float32), not
+    # with the int4 kernel's bfloat16 rounding; the saved model is the same either way.
+    model, tokenizer = load_for_inference(base, adapter, exact_4bit=True)
     model = model.cpu()
     if fp32_mins:
         widen_mins(model)

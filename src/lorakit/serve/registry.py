@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lorakit.core.adapters import delete_adapter
+from lorakit.core.checks import all_finite
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError
 from lorakit.files.peft_format import (
     AdapterFiles,
@@ -176,7 +177,7 @@ class AdapterRegistry:
                 raise AdapterFileError(f"{directory}: tensor {key!r} is not a LoRA matrix in float32/16 or bfloat16")
             if part == "A":
                 ranks.append(tensor.shape[0])
-            if not torch.isfinite(tensor).all():
+            if not all_finite(tensor):
                 raise AdapterFileError(f"{directory}: {key} holds NaN or infinite values")
         if not ranks:
             raise AdapterFileError(f"{directory}: holds no LoRA matrices")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import lorakit
 from lorakit.core.layers import QALoraLinear
-from lorakit.quant.linear import QuantLinear, quantize_linears
+from lorakit.quant.linear import QuantLinear, quantize_linears, use_int4_kernel
 from tests.conftest import as_peft_writes_it, randomize_adapters
 
 
@@ -22,7 +22,8 @@ def _llama():
 
 
 def _model(min_dtype=torch.float16):
-    model = quantize_linears(_llama(), bits=4, group_size=32, min_dtype=min_dtype)
+    """On the exact de-quantizing path: these tests check the merge's arithmetic, not the int4 kernel's."""
+    model = use_int4_kernel(quantize_linears(_llama(), bits=4, group_size=32, min_dtype=min_dtype), False)
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     randomize_adapters(model, std=0.05)  # the update about as large as the weights themselves
     return model
@@ -80,7 +81,7 @@ def test_merge_and_unload_leaves_a_quantized_model_with_the_same_output():
 def test_a_saved_qalora_adapter_loads_onto_the_same_quantized_base(tmp_path):
     model = _model()
     lorakit.save_adapter(model, tmp_path / "qalora")
-    fresh = quantize_linears(_llama(), bits=4, group_size=32)
+    fresh = use_int4_kernel(quantize_linears(_llama(), bits=4, group_size=32), False)
     lorakit.load_adapter(fresh, tmp_path / "qalora")
     ids = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -37,6 +37,7 @@ class QALoraLinear(LoraLayer, QuantLinear):
         """A bare QA-LoRA layer over ``base``'s own codes, scales, mins and bias (nothing copied)."""
         layer = cls(base.quantized)
         layer.bias = base.bias
+        layer.use_kernel = base.use_kernel
         layer.train(base.training)
         return layer
 
@@ -65,6 +66,7 @@ class QALoraLinear(LoraLayer, QuantLinear):
     def plain_module(self) -> QuantLinear:
         plain = QuantLinear(self.quantized)
         plain.bias = self.bias
+        plain.use_kernel = self.use_kernel
         return plain
 
     # --- merge: shift the mins; codes and scales never change -----------------------------
