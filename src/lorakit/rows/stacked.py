@@ -24,16 +24,17 @@ def stacked_rows_output(layer: LoraLayer, result: torch.Tensor, x: torch.Tensor,
     batched matmuls do every segment's pair. No FLOP goes to another segment's adapter and no
     weight is copied per row; the stacks are built on the layer's first use in this plan.
     Shared by nn.Linear and Conv1D."""
-    if id(layer) not in plan.stacks:
-        plan.stacks[id(layer)] = _stack(layer, plan, x.dtype)
+    if id(layer) not in plan.stacks:  # in the adapters' dtype (float32 over a half-precision base), as the loop
+        plan.stacks[id(layer)] = _stack(layer, plan, torch.promote_types(x.dtype, torch.float32))
     stack = plan.stacks[id(layer)]
     if stack is None:  # no segment's adapter targets this layer
         return result
     groups = stack.a.shape[0]  # G segments whose adapter targets this layer, m rows each after padding
     tokens = x.shape[1:-1]  # per row: (T,) for a decoder, () for a bare (B, in) input
-    blocks = x if stack.gather is None else x[stack.gather]  # (G * m, ..., in)
+    blocks = (x if stack.gather is None else x[stack.gather]).to(stack.a.dtype)  # (G * m, ..., in)
     h = torch.bmm(blocks.reshape(groups, -1, x.shape[-1]), stack.a.transpose(1, 2)) * stack.scaling  # (G, m * T, r_max)
     delta = torch.bmm(h, stack.b.transpose(1, 2)).reshape(-1, *tokens, stack.b.shape[1])  # (G * m, ..., out)
+    delta = delta.to(result.dtype)
     if stack.keep is not None:
         delta = delta[stack.keep]  # the covered rows, in row order
     return result + delta if stack.rows is None else result.index_add(0, stack.rows, delta)
