@@ -45,8 +45,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
 
+    from lorakit.adapter_math.gguf_lora import export_gguf_lora
     from lorakit.data.records import read_records
-    from lorakit.files.gguf_lora import export_gguf_lora
     from lorakit.files.peft_format import read_adapter
     from lorakit.generation.generate import generate_texts
     from lorakit.generation.prompts import chat_prompt

@@ -27,8 +27,8 @@ def register(commands) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from lorakit.adapter_math.gguf_lora import export_gguf_lora
     from lorakit.errors import ConfigError
-    from lorakit.files.gguf_lora import export_gguf_lora
     from lorakit.files.peft_format import read_adapter
     from lorakit.models.base import gguf_source
 
@@ -36,8 +36,9 @@ def _export(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.output} exists; pass --overwrite to replace it")
     if args.output.suffix != ".gguf":
         raise ConfigError(f"--output {args.output}: name the file .gguf (llama.cpp's loaders expect it)")
-    report = export_gguf_lora(read_adapter(args.gguf_lora), gguf_source(args.base), args.output)
+    base = gguf_source(args.base)
+    report = export_gguf_lora(read_adapter(args.gguf_lora), base, args.output)
     folded = f", {report.folded} layers' own scale folded into B" if report.folded else ""
     print(f"llama.cpp LoRA GGUF written to {report.output}: {report.layers} layers, alpha {report.alpha:g}{folded}")
-    print(f"run it with: llama-cli -m {gguf_source(args.base)} --lora {report.output}")
+    print(f"run it with: llama-cli -m {base} --lora {report.output}")
     return 0

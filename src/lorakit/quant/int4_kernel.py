@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.quant.groupwise import QuantizedWeight, unpack_codes
+from lorakit.quant.groupwise import QuantizedWeight, codes_as
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 # Groups of inner-K tiles the CPU packing interleaves; the CPU kernel reads any of them alike.
@@ -49,7 +49,7 @@ class Int4Packed:
     @classmethod
     def from_quantized(cls, weight: QuantizedWeight) -> Int4Packed:
         out, cols = weight.shape
-        q = unpack_codes(weight.codes, 4, cols).to(torch.int32)  # (out, in), transient
+        q = codes_as(weight.codes, 4, cols, torch.int32)  # (out, in), transient
         codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
         scales, mins = weight.scales.float(), weight.mins.float()  # (out, in / g)
         scale_and_zero = torch.stack([scales, mins + 8 * scales], dim=-1).transpose(0, 1)  # (in / g, out, 2)

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import lorakit
+from lorakit.adapter_math.gguf_lora import export_gguf_lora, gguf_tensor_name
 from lorakit.cli import main
 from lorakit.errors import ConfigError
-from lorakit.files.gguf_lora import export_gguf_lora, gguf_tensor_name
 from lorakit.files.peft_format import read_adapter
 from lorakit.models.base import embedded_gguf_path
 from lorakit.quant.gguf_q4_1 import rope_order
@@ -129,3 +129,21 @@ def test_the_command_writes_the_file_and_refuses_to_overwrite(tmp_path, capsys):
     assert output.read_bytes() == written
     assert main(["export", "--gguf-lora", str(directory), "--output", str(tmp_path / "x.bin")]) == 2
     assert "name the file .gguf" in capsys.readouterr().err
+
+
+def test_a_nan_or_truncated_adapter_is_one_error_line_and_writes_nothing(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    _, directory = _saved_adapter(tmp_path)
+    weights = directory / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={})
+    output = tmp_path / "a.gguf"
+    assert main(["export", "--gguf-lora", str(directory), "--output", str(output)]) == 2
+    assert "NaN or infinite" in capsys.readouterr().err and not output.exists()
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut off mid-file
+    assert main(["export", "--gguf-lora", str(directory), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err and not output.exists()

@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorakit.errors import ConfigError
+from lorakit.adapter_math.updates import LayerUpdate, layer_updates
+from lorakit.core.checks import all_finite
+from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.files.atomic import atomic_path
-from lorakit.files.peft_format import PREFIX, AdapterFiles, split_adapter_key
+from lorakit.files.peft_format import AdapterFiles
 from lorakit.quant.gguf_q4_1 import LLAMA_LINEARS, llama_heads, rope_order
 
 _KIND_OF_PATH = {path: kind for kind, path in LLAMA_LINEARS.items()}
@@ -55,27 +57,26 @@ def export_gguf_lora(adapter: AdapterFiles, base_gguf: str | Path, output: str |
     """Write ``adapter`` (read with read_adapter) as a llama.cpp LoRA GGUF for the base ``base_gguf``."""
     from gguf import GGUFReader, GGUFWriter
 
-    config = adapter.config
     _refuse_what_llama_cpp_cannot_run(adapter)
+    updates = layer_updates(adapter, "the adapter")  # in layer order
+    for update in updates:
+        _check_linear_update(update)
     reader = GGUFReader(str(base_gguf))
     heads, kv_heads = llama_heads(reader, base_gguf, "a llama.cpp LoRA export")
     base_shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # ne: (in, out)
 
-    pairs = _pairs(adapter.tensors)
-    first = next(iter(pairs))
-    alpha = config.scaling_for(first) * config.rank_for(first)  # llama.cpp's scale alpha / r is then exact here
+    alpha = updates[0].scaling * updates[0].r  # llama.cpp's scale alpha / r is then exact for the first layer
     tensors, folded = {}, 0
-    for path, (a, b) in pairs.items():
+    for update in updates:
+        path, a, b, rank = update.path, update.lora_A, update.lora_B, update.r
         name = gguf_tensor_name(path)
-        rank, (out_features, in_features) = a.shape[0], (b.shape[0], a.shape[1])
+        out_features, in_features = b.shape[0], a.shape[1]
         if base_shapes.get(name) != (in_features, out_features):
             raise ConfigError(f"{path}: the adapter is ({out_features} x {in_features}) but {base_gguf} has "
                               f"{name} {base_shapes.get(name, 'missing')} (ne order); export for the base it was "
                               "trained on")
-        if b.shape[1] != rank:
-            raise ConfigError(f"{path}: A has rank {rank} and B {b.shape[1]}")
         b = b.float()
-        fold = config.scaling_for(path) / (alpha / rank)
+        fold = update.scaling / (alpha / rank)
         if fold != 1.0:
             b, folded = b * fold, folded + 1
         kind = name.split(".")[2]
@@ -97,7 +98,7 @@ def export_gguf_lora(adapter: AdapterFiles, base_gguf: str | Path, output: str |
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return GgufLoraReport(output, len(pairs), float(alpha), folded)
+    return GgufLoraReport(output, len(updates), float(alpha), folded)
 
 
 def _refuse_what_llama_cpp_cannot_run(adapter: AdapterFiles) -> None:
@@ -114,23 +115,13 @@ def _refuse_what_llama_cpp_cannot_run(adapter: AdapterFiles) -> None:
                           "llama.cpp LoRA GGUF cannot hold; merge it instead (lorakit merge)")
 
 
-def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module path: (A (r, in), B (out, r))} in layer order; anything but A/B of a linear is refused."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        path, part, is_embedding = split_adapter_key(key.removeprefix(PREFIX))
-        if part not in ("A", "B") or is_embedding:
-            what = "an embedding adapter" if is_embedding else f"the tensor {key}"
-            raise ConfigError(f"the adapter holds {what}, which a llama.cpp LoRA GGUF cannot hold (it takes A and "
-                              "B of the decoder's linear layers); merge it instead (lorakit merge)")
-        parts.setdefault(path, {})[part] = tensor
-    if not parts:
-        raise ConfigError("the adapter holds no LoRA layers")
-    for path, ab in parts.items():
-        if set(ab) != {"A", "B"}:
-            raise ConfigError(f"{path}: the adapter file has {', '.join(ab)} but not both A and B")
-    return {path: (parts[path]["A"], parts[path]["B"]) for path in sorted(parts, key=_layer_order)}
-
-
-def _layer_order(path: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in path.split("."))
+def _check_linear_update(update: LayerUpdate) -> None:
+    """A linear layer's (r, in) A and (out, r) B, finite: what a llama.cpp LoRA tensor pair can hold."""
+    if update.embedding:
+        raise ConfigError(f"the adapter holds an embedding adapter ({update.path}), which this export does not "
+                          "write (it takes A and B of the decoder's linear layers); merge it instead (lorakit merge)")
+    if update.lora_A.dim() != 2 or update.lora_B.shape != (update.lora_B.shape[0], update.r):
+        raise AdapterFileError(f"{update.path}: A {tuple(update.lora_A.shape)} and B {tuple(update.lora_B.shape)} "
+                               "are not the (r, in) and (out, r) matrices of a linear layer's adapter")
+    if not (all_finite(update.lora_A) and all_finite(update.lora_B)):
+        raise AdapterFileError(f"{update.path}: holds NaN or infinite values; nothing was written")
