@@ -20,3 +20,5 @@ def finite_float(text: str) -> float:
 
 EXACT_4BIT_HELP = ("compute 4-bit layers by de-quantizing them to float32 (the exact reference) instead of with the "
                    "int4 kernel in bfloat16 (about 3x faster at batch 1 on a CPU); no effect on other models")
+JSON_HELP = ("constrain decoding so that every answer is one JSON object: a token that would break it is never "
+             "picked, and the answer ends only once the object is closed")

@@ -233,3 +233,20 @@ def test_a_bfloat16_model_serves_mixed_adapters_as_each_alone(tiny_base_dir):
     greedy = SamplingParams(max_tokens=10, temperature=0)
     together = Engine(model, tokenizer).generate(prompts, adapters, greedy)
     assert together == [_alone(model, p, a, 10) for p, a in zip(prompts, adapters, strict=True)]
+
+
+def test_json_object_requests_are_constrained_and_the_others_in_their_batch_are_not(served):
+    from tests.generation.test_json_constraint import _follows_constraint
+
+    model, tokenizer = served
+    prompts = _prompts(tokenizer, 4)
+    engine = Engine(model, tokenizer)
+    json_params = SamplingParams(max_tokens=12, temperature=0, json_object=True)
+    sampled_json = SamplingParams(max_tokens=12, temperature=0.9, seed=3, json_object=True)
+    plain = SamplingParams(max_tokens=12, temperature=0)
+    requests = [engine.submit(Request(a, p, params)) for p, a, params in zip(
+        prompts, ["tenant0", "tenant1", "tenant0", None], [json_params, sampled_json, plain, json_params], strict=True)]
+    while any(r.finish_reason is None for r in requests):
+        engine.step()
+    assert [_follows_constraint(tokenizer, r.ids) for r in requests] == [True, True, False, True]
+    assert requests[2].ids == _alone(model, prompts[2], "tenant0", 12)  # the unconstrained row is untouched

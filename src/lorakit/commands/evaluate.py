@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorakit.argtypes import EXACT_4BIT_HELP
+from lorakit.argtypes import EXACT_4BIT_HELP, JSON_HELP
 
 
 def register(commands) -> None:
@@ -34,6 +34,7 @@ def register(commands) -> None:
                         help="score the adapter computed beside the base layers, as trained, instead of merged into "
                         "them (for a 4-bit QA-LoRA adapter the merge rounds the shifted mins to float16)")
     parser.add_argument("--exact-4bit", action="store_true", help=EXACT_4BIT_HELP)
+    parser.add_argument("--json", action="store_true", help=JSON_HELP)
     parser.set_defaults(run=_eval)
 
 
@@ -57,13 +58,13 @@ def _eval(args: argparse.Namespace) -> int:
     whole_model = args.adapter is not None and method_of_directory(args.adapter).name == "full"
     if args.adapter is None or whole_model:  # a fully fine-tuned model has no base inside it to compare with
         records = read_records(args.data)[:args.limit]
-        score = score_model(model, tokenizer, records, "model", args.batch_size, progress=True)
+        score = score_model(model, tokenizer, records, "model", args.batch_size, progress=True, json_object=args.json)
         shown = sorted(range(len(records)), key=lambda i: score.correct[i])[:args.examples]
         print(report(args.data, records, [score], shown))
         return 0
     records, scores, shown = compare_base_and_adapter(model, tokenizer, args.data, args.limit, args.batch_size,
                                                       with_base=not args.no_base, examples=args.examples,
-                                                      progress=True, merged=not args.unmerged)
+                                                      progress=True, merged=not args.unmerged, json_object=args.json)
     print(report(args.data, records, scores, shown))
     return 0
 

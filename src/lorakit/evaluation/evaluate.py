@@ -57,7 +57,8 @@ def _json_object(text: str) -> dict | None:
 
 
 def score_model(model: nn.Module, tokenizer, records: list[dict], label: str, batch_size: int = 16,
-                progress: bool = False, shown: list[int] = (), max_new_tokens: int | None = None) -> Score:
+                progress: bool = False, shown: list[int] = (), max_new_tokens: int | None = None,
+                json_object: bool = False) -> Score:
     """Exact match of greedy answers and loss on the references, of ``model`` on ``records``. Answers
     are at most ``max_new_tokens`` long (default: the longest reference answer and a margin).
 
@@ -65,15 +66,18 @@ def score_model(model: nn.Module, tokenizer, records: list[dict], label: str, ba
     decoding reproduces the reference, the answer itself (greedy_check); only the other rows are
     decoded, from where they part from the reference. When every reference is a JSON object, answers
     that cannot become one are cut short (the score is the same, decoding much faster); the answers
-    of the ``shown`` rows are then decoded in full, for display."""
+    of the ``shown`` rows are then decoded in full, for display. With ``json_object``, decoding is
+    constrained to one JSON object (generation/json_constraint.py)."""
     references = [reference_text(r) for r in records]
-    json_only = all(_json_object(ref) is not None for ref in references)
+    json_only = not json_object and all(_json_object(ref) is not None for ref in references)
     examples = [tokenize_record(r, tokenizer, max_length=1 << 20)[0] for r in records]
     loss, starts = check_references(model, examples, batch_size, padding_id(tokenizer), tokenizer.eos_token_id,
                                     progress)
+    if json_object:
+        starts = [_agreed_part(s, e, tokenizer.eos_token_id) for s, e in zip(starts, examples, strict=True)]
     limit = max_new_tokens or max(end - start for start, end in map(answer_span, examples)) + ANSWER_MARGIN
     pending = [i for i, s in enumerate(starts) if not _settled(s, limit, tokenizer, json_only)]
-    _decode_on(model, tokenizer, starts, pending, limit, batch_size, progress, json_only)
+    _decode_on(model, tokenizer, starts, pending, limit, batch_size, progress, json_only, json_object)
     answers = [tokenizer.decode(s.tokens[:limit], skip_special_tokens=True) for s in starts]
     if json_only:  # shown rows that may have been cut short: decode them in full, for display
         cut = [i for i in shown if cannot_be_json_object(answers[i])]
@@ -82,6 +86,19 @@ def score_model(model: nn.Module, tokenizer, records: list[dict], label: str, ba
             answers[i] = tokenizer.decode(starts[i].tokens, skip_special_tokens=True)
     correct = [matches(a, ref) for a, ref in zip(answers, references, strict=True)]
     return Score(label, answers, correct, loss)
+
+
+def _agreed_part(start: GreedyStart, example, eos_id: int) -> GreedyStart:
+    """``start`` cut to the tokens it shares with the reference answer. A constrained answer is the
+    unconstrained greedy one up to there (every reference token is a valid JSON continuation), but
+    where greedy first departs from the reference the constraint may pick another token."""
+    begin, end = answer_span(example)
+    reference = example.input_ids[begin:end]
+    agreed = 0
+    while agreed < min(len(start.tokens), len(reference)) and start.tokens[agreed] == reference[agreed]:
+        agreed += 1
+    whole = start.finished and agreed == len(start.tokens) and reference[agreed:agreed + 1] == [eos_id]
+    return start if whole else GreedyStart(start.prompt, start.tokens[:agreed], False)
 
 
 def _settled(start: GreedyStart, limit: int, tokenizer, json_only: bool) -> bool:
@@ -93,7 +110,7 @@ def _settled(start: GreedyStart, limit: int, tokenizer, json_only: bool) -> bool
 
 
 def _decode_on(model: nn.Module, tokenizer, starts: list[GreedyStart], rows: list[int], limit: int,
-               batch_size: int, progress: bool = False, json_only: bool = False) -> None:
+               batch_size: int, progress: bool = False, json_only: bool = False, json_object: bool = False) -> None:
     """Greedy decoding of ``rows`` from where their answers stand, up to ``limit`` answer tokens."""
     rows = [i for i in rows if len(starts[i].tokens) < limit]
     if not rows:
@@ -101,14 +118,16 @@ def _decode_on(model: nn.Module, tokenizer, starts: list[GreedyStart], rows: lis
     # generate() takes one max_new_tokens per batch; the longest budget, then each row is cut to its own.
     budget = limit - min(len(starts[i].tokens) for i in rows)
     new = generate_ids(model, tokenizer, [starts[i].prompt + starts[i].tokens for i in rows], budget, batch_size,
-                       progress=progress, json_only=json_only, answered=[len(starts[i].tokens) for i in rows])
+                       progress=progress, json_only=json_only, answered=[len(starts[i].tokens) for i in rows],
+                       json_object=json_object)
     for i, tokens in zip(rows, new, strict=True):
         starts[i].tokens = (starts[i].tokens + tokens)[:limit]
 
 
 def compare_base_and_adapter(model: nn.Module, tokenizer, data: str | Path, limit: int | None = None,
                              batch_size: int = 16, with_base: bool = True, examples: int = 3,
-                             progress: bool = False, merged: bool = True) -> tuple[list[dict], list[Score], list[int]]:
+                             progress: bool = False, merged: bool = True,
+                             json_object: bool = False) -> tuple[list[dict], list[Score], list[int]]:
     """(records, scores, shown): the adapter's score, preceded by the base model's (adapters
     disabled), and the rows worth showing (the adapter's misses first). With ``merged`` the
     adapter is merged for its pass, so generation runs at the base model's speed, and unmerged
@@ -117,7 +136,7 @@ def compare_base_and_adapter(model: nn.Module, tokenizer, data: str | Path, limi
     if merged:
         merge(model)
     try:
-        adapter = score_model(model, tokenizer, records, "adapter", batch_size, progress)
+        adapter = score_model(model, tokenizer, records, "adapter", batch_size, progress, json_object=json_object)
     finally:
         unmerge(model)
     # The adapter's misses first: they say more than its hits. (Its answers are shown as generated:
@@ -126,7 +145,8 @@ def compare_base_and_adapter(model: nn.Module, tokenizer, data: str | Path, limi
     scores = [adapter]
     if with_base:
         with disable_adapters(model), methods_disabled(model):
-            scores.insert(0, score_model(model, tokenizer, records, "base model", batch_size, progress, shown))
+            scores.insert(0, score_model(model, tokenizer, records, "base model", batch_size, progress, shown,
+                                         json_object=json_object))
     return records, scores, shown
 
 

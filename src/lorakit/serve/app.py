@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.errors import LorakitError
+from lorakit.generation.json_constraint import JsonObjectAnswer, prepare_json_constraint
 from lorakit.generation.prompts import chat_prompt_ids
 from lorakit.serve.engine import Engine, Event, QueueFull, Request, RowError
 from lorakit.serve.metrics import CONTENT_TYPE, Metrics, RequestRecord
@@ -276,7 +277,11 @@ async def _complete(service: Service, body: ChatCompletionRequest | CompletionRe
             raise ApiError(400, f"the prompt has {len(ids)} tokens; this server takes at most "
                            f"{service.limits.max_prompt_tokens}", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
-        job = _Job(service, Request(adapter, ids, params, tenant=tenant.name if tenant else None), record, http)
+        # Made here, not on the engine's thread: should the grammar's view of the vocabulary still be
+        # in the making (start_service), waiting for it would stall every tenant's batch.
+        json_answer = await run_in_threadpool(JsonObjectAnswer, service.engine.tokenizer) if params.json_object else None
+        job = _Job(service, Request(adapter, ids, params, tenant=tenant.name if tenant else None,
+                                    json_answer=json_answer), record, http)
         job.submit(tenant.max_requests if tenant is not None else service.tenant_limit)
         reply = _Reply(chat, body.model)
         first = await job.next_event()  # an error before the first token still gets its own status
@@ -446,7 +451,8 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, limits: Limits, c
         raise ApiError(400, f"max_tokens must be an integer from 1 to {limits.max_tokens}", param="max_tokens")
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              stop=body.stops(), seed=body.seed % 2**64 if body.seed is not None else None)
+                              stop=body.stops(), seed=body.seed % 2**64 if body.seed is not None else None,
+                              json_object=body.json_object())
     except LorakitError as err:
         raise ApiError(400, str(err)) from None
 
@@ -506,6 +512,8 @@ def start_service(model, tokenizer, adapters: dict[str, Path], tenants: Tenants 
     for name, directory in adapters.items():
         registry.register(name, directory)
     engine.start()
+    # The JSON grammar's view of the vocabulary (~1.5 s), built while the server starts taking requests.
+    threading.Thread(target=prepare_json_constraint, args=(tokenizer,), daemon=True).start()
     admin_digest = hashlib.sha256(admin_key.encode()).hexdigest() if admin_key else None
     return Service(engine, registry, served_name or served_model_name(model), metrics, tenants, admin_digest,
                    adapter_root, limits)

@@ -28,6 +28,7 @@ from transformers import DynamicCache
 
 from lorakit.data.tokenize import padding_id
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.generation.json_constraint import JsonObjectAnswer
 from lorakit.generation.prompts import end_token_ids, left_padded
 from lorakit.rows import RowPlan, row_segments, rows_use_plan
 from lorakit.serve.fair_queue import FairQueue, QueueFull
@@ -68,6 +69,8 @@ class Request:
     error: str = ""  # why, when finish_reason is "error"
     failure: Exception | None = None  # the exception behind ``error``
     generator: torch.Generator = field(init=False)
+    # The grammar that keeps a params.json_object answer one JSON object (made by the engine if not given).
+    json_answer: JsonObjectAnswer | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -269,6 +272,8 @@ class Engine:
             try:
                 if not ok:
                     raise RowError("the model produced NaN or infinite logits for this request")
+                if request.params.json_object:
+                    row = self._json_masked(request, row)
                 chosen.append(next_token(row, request.params, request.generator))
             except Exception as err:  # noqa: BLE001 - this row's failure, not the batch's
                 _fail(request, err)
@@ -277,6 +282,15 @@ class Engine:
             if not _finished(request):  # failed or cancelled rows get nothing more
                 self._append(request, token)
         return torch.tensor(chosen, dtype=torch.long)
+
+    def _json_masked(self, request: Request, row: torch.Tensor) -> torch.Tensor:
+        """``row`` with -inf on every token that would stop the answer being one JSON object."""
+        if request.json_answer is None:
+            request.json_answer = JsonObjectAnswer(self.tokenizer)
+        allowed = torch.tensor(request.json_answer.allowed(request.ids), dtype=torch.long)
+        masked = torch.full_like(row, float("-inf"))
+        masked[allowed] = row[allowed]
+        return masked
 
     def _append(self, request: Request, token: int) -> None:
         if token in self.eos_ids:

@@ -42,14 +42,18 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "parallel_tool_calls": (None, True, False),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "store": (None, False),
     "metadata": (None, {}),
     "service_tier": (None, "auto", "default"),
     "modalities": (None, ["text"]),
 }
 
-_FIELD_MESSAGES = {"n": "n must be 1 (one choice per request)"}
+# response_format values lorakit implements: plain text, and one JSON object (constrained decoding);
+# json_schema is not implemented.
+RESPONSE_FORMATS = ({"type": "text"}, {"type": "json_object"})
+
+_FIELD_MESSAGES = {"n": "n must be 1 (one choice per request)",
+                   "response_format": "response_format: lorakit implements type text and json_object only"}
 
 
 class UnsupportedField(ValueError):
@@ -78,6 +82,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object"] = Field(
+        description="json_object: the answer is always one JSON object (constrained decoding)")
+
+
 class _Generation(_Body):
     """The sampling fields both completion routes share."""
 
@@ -93,6 +103,7 @@ class _Generation(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Annotated[str, StringConstraints(max_length=256)] | None = None  # accepted, not used
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -101,6 +112,8 @@ class _Generation(_Body):
             for field, neutral in NEUTRAL_VALUES.items():
                 if field in data and not _is_neutral(data[field], neutral):
                     raise UnsupportedField(field)
+            if data.get("response_format") is not None and not _is_neutral(data["response_format"], RESPONSE_FORMATS):
+                raise UnsupportedField("response_format")
             data = {k: v for k, v in data.items() if k not in NEUTRAL_VALUES}
         return data
 
@@ -113,6 +126,9 @@ class _Generation(_Body):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def json_object(self) -> bool:
+        return self.response_format is not None and self.response_format.type == "json_object"
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

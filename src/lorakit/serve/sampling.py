@@ -21,6 +21,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = field(default_factory=tuple)  # the answer ends before the first of these
     seed: int | None = None  # the same seed, prompt and adapter give the same tokens
+    json_object: bool = False  # decoding constrained to one JSON object (response_format json_object)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

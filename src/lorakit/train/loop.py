@@ -35,6 +35,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.loss import evaluate_loss
 from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
 from lorakit.train.optimizer import make_optimizer, set_learning_rate
+from lorakit.train.precision import compute_context
 from lorakit.train.run import (
     TrainingDiverged,
     TrainResult,
@@ -136,6 +137,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
     if config.progress and world.is_main:
         print(_summary(model, len(train_set), total_steps, config, device, world.size), file=sys.stderr)
     bar = progress_bar(config, total_steps, start) if world.is_main else None
+    compute = compute_context(config.compute_dtype, device)
     losses: list[float] = []
     val_loss = None
     model.train()
@@ -148,7 +150,8 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
         step_loss = 0.0
         for k, (_, batch, weight, keys) in enumerate(micro):
             set_row_keys(dropouts, keys)  # kept through backward: checkpointed layers recompute their masks
-            loss = loss_of(batch, k == config.grad_accum - 1) * weight / max(target_tokens, 1)
+            with compute():
+                loss = loss_of(batch, k == config.grad_accum - 1) * weight / max(target_tokens, 1)
             loss.backward()
             step_loss += loss.item() / world.size  # loss_of scales by the number of processes
         set_row_keys(dropouts, None)
@@ -173,7 +176,8 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
         # Every process validates and captures checkpoints (under FSDP each layer's weights are gathered
         # from all of them); process 0 alone writes.
         if val_set and (done == total_steps or (config.eval_every and done % config.eval_every == 0)):
-            val_loss = evaluate_loss(model, val_set, config.batch_size, pad_id, device)
+            with compute():
+                val_loss = evaluate_loss(model, val_set, config.batch_size, pad_id, device)
             if world.is_main:
                 metrics.write({"step": done, "val_loss": val_loss})
         if done == end or (config.save_every and done % config.save_every == 0):
