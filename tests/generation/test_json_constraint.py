@@ -1,11 +1,7 @@
-"""JSON-constrained decoding: the tokens it allows, and generate() and eval wired to it."""
+"""JSON-constrained decoding: the tokens it allows, and generate() wired to it."""
 
 from __future__ import annotations
 
-import pytest
-
-from lorakit.evaluation.evaluate import _agreed_part
-from lorakit.evaluation.greedy_check import GreedyStart
 from lorakit.generation.generate import generate_ids
 from lorakit.generation.json_constraint import JsonObjectAnswer
 from lorakit.generation.prompts import chat_prompt
@@ -57,21 +53,3 @@ def test_generate_keeps_every_row_of_a_left_padded_batch_to_the_constraint(tiny_
     assert not any(_follows_constraint(tokenizer, answer) for answer in free[:3])  # the random model alone
     assert all(_follows_constraint(tokenizer, answer) for answer in constrained[:3])
     assert _follows_constraint(tokenizer, head + constrained[3])
-
-
-@pytest.mark.parametrize(("greedy", "finished", "kept", "still_finished"), [
-    ("reference", True, "reference", True),  # greedy reproduced the whole answer: nothing to decode
-    ("diverged", False, "agreed", False),  # the token where greedy departs is the constraint's to choose
-    ("early end", True, "agreed", False),  # an end the constraint may forbid (the object is open)
-])
-def test_eval_keeps_only_what_greedy_shares_with_the_reference(smol_tokenizer, greedy, finished, kept, still_finished):
-    from lorakit.data.tokenize import tokenize_record
-
-    record = {"messages": [{"role": "user", "content": "2 pizzas"}, {"role": "assistant", "content": ANSWER}]}
-    example = tokenize_record(record, smol_tokenizer, max_length=512)[0]
-    prompt = example.input_ids[:example.labels.index(next(x for x in example.labels if x != -100))]
-    answer = smol_tokenizer.encode(ANSWER, add_special_tokens=False)
-    tokens = {"reference": answer, "diverged": answer[:4] + [answer[0]], "early end": answer[:4]}[greedy]
-    start = _agreed_part(GreedyStart(prompt, tokens, finished), example, smol_tokenizer.eos_token_id)
-    assert start.tokens == {"reference": answer, "agreed": answer[:4]}[kept]
-    assert start.finished is still_finished

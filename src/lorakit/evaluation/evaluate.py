@@ -155,6 +155,11 @@ def report(data: str | Path, records: list[dict], scores: list[Score], shown: li
     for s in scores:
         lines.append(f"{s.label:<12}{sum(s.correct):>7}/{len(s.correct):<4}{100 * s.exact_match:>6.1f}%"
                      f"{s.loss:>10.4f}")
+    references = [_json_object(reference_text(r)) for r in records]
+    if all(ref is not None for ref in references):
+        for s in scores:
+            if not all(s.correct):
+                lines.append(f"{s.label:<12}misses by field: {misses_by_field(s.answers, references)}")
     for i in shown:
         lines.append("")
         lines.append(f"[{i}] prompt:    {_last_user_text(records[i])}")
@@ -163,6 +168,21 @@ def report(data: str | Path, records: list[dict], scores: list[Score], shown: li
             mark = "ok " if s.correct[i] else "MISS"
             lines.append(f"    {s.label:<11}{mark} {_one_line(s.answers[i])}")
     return "\n".join(lines)
+
+
+def misses_by_field(answers: list[str], references: list[dict]) -> str:
+    """How many answers get each field of the reference JSON objects wrong ("item 12, quantity 3"),
+    and how many are no JSON object at all; an answer may miss several fields."""
+    counts: dict[str, int] = {}
+    for answer, reference in zip(answers, references, strict=True):
+        parsed = _json_object(answer)
+        if parsed is None:
+            counts["not a JSON object"] = counts.get("not a JSON object", 0) + 1
+            continue
+        for key in dict.fromkeys([*reference, *parsed]):
+            if parsed.get(key) != reference.get(key):
+                counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{key} {count}" for key, count in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _last_user_text(record: dict) -> str:
