@@ -95,8 +95,8 @@ def plan_injection(model: nn.Module, config: LoraConfig, name: str, activate: bo
 
 
 def apply_plan(model: nn.Module, plan: InjectionPlan, init: bool = True) -> None:
-    """Swap in LoRA layers and copies as planned. ``init=False`` leaves A and B at zero, for a
-    caller that fills them from a file."""
+    """Swap in LoRA layers and copies as planned. ``init=False`` leaves A and B unset, for a caller
+    that fills every one of them from a file."""
     for path, module in plan.targets.items():
         layer = module if isinstance(module, LoraLayer) else lora_class_for(module).from_base(module)
         if layer is not module:

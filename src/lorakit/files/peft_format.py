@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.core.adapters import active_adapters, adapter_names, get_adapter_config
-from lorakit.core.checks import all_finite
+from lorakit.core.checks import first_non_finite
 from lorakit.core.config import ALL_LINEAR, LoraConfig, module_matches
 from lorakit.core.inject import (
     InjectionPlan,
@@ -205,9 +205,9 @@ def _as_plain_lora(config: LoraConfig, tensors: dict[str, torch.Tensor], name: s
 def finite_copies(tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
     """Contiguous CPU copies of ``tensors`` to save, or AdapterFileError naming one that is not finite."""
     copies = {key: tensor.to("cpu", copy=True).contiguous() for key, tensor in tensors.items()}
-    for key, tensor in copies.items():
-        if not all_finite(tensor):
-            raise AdapterFileError(f"{key} holds NaN or infinite values; {what} was not saved")
+    bad = first_non_finite(copies)
+    if bad is not None:
+        raise AdapterFileError(f"{bad} holds NaN or infinite values; {what} was not saved")
     return copies
 
 
@@ -472,7 +472,11 @@ def load_adapter(
         for key, tensor in tensors.items():
             target = slots[key] if key in slots else base_weights[key]
             target.copy_(tensor.to(target.dtype))
-    finish_injection(model, name, activate)
+    if activate:
+        finish_injection(model, name, activate)
+    else:  # loaded frozen, the rest of the model left as it was: no walk over every adapter already held
+        for param in slots.values():
+            param.requires_grad_(False)
     return model
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lorakit.core.adapters import delete_adapter
-from lorakit.core.checks import all_finite
+from lorakit.core.checks import first_non_finite
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError
 from lorakit.files.peft_format import (
     AdapterFiles,
@@ -177,8 +177,9 @@ class AdapterRegistry:
                 raise AdapterFileError(f"{directory}: tensor {key!r} is not a LoRA matrix in float32/16 or bfloat16")
             if part == "A":
                 ranks.append(tensor.shape[0])
-            if not all_finite(tensor):
-                raise AdapterFileError(f"{directory}: {key} holds NaN or infinite values")
+        bad = first_non_finite(tensors)
+        if bad is not None:
+            raise AdapterFileError(f"{directory}: {bad} holds NaN or infinite values")
         if not ranks:
             raise AdapterFileError(f"{directory}: holds no LoRA matrices")
         if max(ranks) > self.max_rank:

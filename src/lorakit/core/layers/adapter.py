@@ -26,10 +26,13 @@ class LoraAdapter(nn.Module):
         config: LoraConfig,
         device: torch.device,
         dtype: torch.dtype,
+        zeroed: bool = True,
     ) -> None:
         super().__init__()
-        self.lora_A = nn.Parameter(torch.zeros(a_shape, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
+        # zeroed=False leaves the memory as allocated, for a caller that fills every element (a load).
+        make = torch.zeros if zeroed else torch.empty
+        self.lora_A = nn.Parameter(make(a_shape, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(make(b_shape, device=device, dtype=dtype))
         # DoRA's magnitude vector m (core/layers/dora.py), set by the layer for a DoRA adapter, and
         # its factor m / ||W + sBA|| as last computed without autograd: (inputs' versions, factor).
         self.register_parameter("magnitude", None)

@@ -134,7 +134,8 @@ class LoraLayer(Merging):
     def add_adapter(
         self, name: str, config: LoraConfig, r: int | None = None, scaling: float | None = None, init: bool = True
     ) -> LoraAdapter:
-        """Add adapter ``name`` (not yet active). r and scaling default to the config's."""
+        """Add adapter ``name`` (not yet active). r and scaling default to the config's. ``init=False``
+        leaves A and B unset, for a caller that fills them (loading a file)."""
         if name in self.lora:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         r = config.r if r is None else r
@@ -142,7 +143,8 @@ class LoraLayer(Merging):
         self.check_variant(config, tuple(self.lora))
         a_shape, b_shape = self.adapter_shapes(self, r)
         device, dtype = self._adapter_placement()
-        adapter = LoraAdapter(a_shape, b_shape, scaling, config.dropout if self.uses_dropout else 0.0, config, device, dtype)
+        adapter = LoraAdapter(a_shape, b_shape, scaling, config.dropout if self.uses_dropout else 0.0, config, device,
+                              dtype, zeroed=init)
         if config.use_dora:
             shape = magnitude_shape(self.weight, self.weight_is_transposed)
             adapter.magnitude = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
