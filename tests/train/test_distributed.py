@@ -53,10 +53,15 @@ def ddp_run(recipe, tmp_path_factory):
 # adds partial sums per shard (without dropout, the shared-prefix pass also runs on each process's
 # rows, and not at all under FSDP). Dropout masks are the same in every layout (keyed by row). Each
 # rounding moves a result by at most 2**-24 (6e-8) of its size; the run's four AdamW steps carry some
-# tens of them into the adapter (measured: up to 1e-6 of each tensor's norm). So losses and adapter
-# tensors are compared relative to their size, at 1e-5 (~170 roundings): a bound on summation
-# order that does not depend on the CPU's kernels, where an absolute bound on the logits did.
+# tens of them into the adapter. So losses are compared relative to their size, at 1e-5 (~170
+# roundings): a bound on summation order that does not depend on the CPU's kernels, where an
+# absolute bound on the logits did. Adapter tensors get 1e-4: AdamW divides each gradient component
+# by its own running magnitude, so a component whose gradient is at rounding level takes a step as
+# large as any other, its sign set by summation order (measured: 1e-6 of a tensor's norm on the first
+# orders data, 2.1e-5 on the second). A layout that loses rows or skips a gradient sync moves the
+# losses themselves far beyond 1e-5.
 LAYOUT_TOLERANCE = 1e-5
+ADAPTER_TOLERANCE = 1e-4
 
 
 def _relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -74,7 +79,7 @@ def _assert_same_run(run, reference) -> float:
     for key in want:
         assert got[key].shape == want[key].shape, key  # whole tensors, not shards
         spread = max(spread, _relative_difference(got[key], want[key]))
-    assert spread <= LAYOUT_TOLERANCE
+    assert spread <= ADAPTER_TOLERANCE
     return spread
 
 
