@@ -1,5 +1,6 @@
 """JSON-constrained decoding: every token a row emits keeps its answer a prefix of one JSON object,
-and end-of-sequence is allowed only once the object is closed, so the answer always parses.
+and end-of-sequence is allowed only once the object is closed, so a finished answer always parses
+(one cut short by the token limit need not).
 
 The character-level JSON grammar and its walk over the tokenizer's vocabulary are lm-format-enforcer's
 (the library vLLM offers for the same job); lorakit feeds it each row's answer (not the prompt, which
