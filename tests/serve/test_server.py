@@ -124,7 +124,7 @@ def test_the_admin_loads_and_unloads_adapters_from_the_adapter_directory_only(se
     load = "/v1/load_lora_adapter"
     assert _post(port, load, json.dumps({"lora_name": "acme-extra", "lora_path": "acme-extra"}).encode())[0] == 401
     (root / "escape").symlink_to(tmp_path)
-    for path in ("../adapters", str(root / "acme-extra"), "escape"):
+    for path in ("../adapters", str(root / "acme-extra"), "escape", "x" * 5000, "\u0158" * 300):  # too long: 400 too
         status, payload = _post(port, load, json.dumps({"lora_name": "x", "lora_path": path}).encode(),
                                 key="admin-secret-key")
         assert status == 400 and "lora_path" in payload["error"]["message"]

@@ -151,11 +151,16 @@ def contained(root: Path, relative: str) -> Path:
                        param="lora_path")
     base = root.resolve()
     directory = base / relative
-    for path in [directory, *directory.glob("*")] if directory.is_dir() else [directory]:
-        if path.is_symlink() or not path.resolve().is_relative_to(base):
-            raise ApiError(400, "lora_path leads out of the adapter directory (symlinks are not followed)",
-                           param="lora_path")
-    if not directory.is_dir():
+    try:  # a name the filesystem refuses (too long, say) raises OSError from any of these
+        for path in [directory, *directory.glob("*")] if directory.is_dir() else [directory]:
+            if path.is_symlink() or not path.resolve().is_relative_to(base):
+                raise ApiError(400, "lora_path leads out of the adapter directory (symlinks are not followed)",
+                               param="lora_path")
+        found = directory.is_dir()
+    except OSError:
+        raise ApiError(400, "lora_path is not a path this server's filesystem can open (too long?)",
+                       param="lora_path") from None
+    if not found:
         raise ApiError(404, "no such adapter directory under the server's adapter directory", param="lora_path")
     return directory
 
