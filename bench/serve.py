@@ -5,13 +5,16 @@ same number of tokens, greedy, on the embedded SmolLM2-135M-Instruct:
 - lorakit, mixed: the serving engine, each request on its own adapter (rows grouped by adapter);
 - PEFT, mixed: ``generate(..., adapter_names=[...])``, PEFT's mixed-adapter batch;
 - lorakit, one adapter: the engine with all 16 requests on the same adapter.
-The adapters are 16 random adapters (r=16 unless --rank) on all linear layers. Decode throughput is the tokens
+The adapters are 16 random adapters (r=16 unless --rank) on all linear layers. ``--dtype bfloat16``
+puts both base models in bfloat16 (as ``lorakit serve --dtype bfloat16`` does); the adapters stay
+float32 on both sides (PEFT casts the input to the adapter's dtype, lorakit computes the LoRA term in
+the adapter's float32), so the comparison stays like for like. Decode throughput is the tokens
 of steps 2..N over their time: each configuration runs once for 1 new token (prompt pass) and once
 for N, alternating between configurations within each trial, and the difference is decoding.
 Ratios are the median over trials of each trial's ratio of two runs made one after the other.
 Also the time to load one adapter from its files into the running model, lorakit vs PEFT.
 
-    python bench/serve.py [--trials 7] [--tokens 65] [--device cpu] [--rank 16]
+    python bench/serve.py [--trials 7] [--tokens 65] [--device cpu] [--rank 16] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -77,7 +80,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--base", default="smollm2")
     parser.add_argument("--rank", type=int, default=16, help="rank of the 16 adapters")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the base models' dtype, on both sides (adapters stay float32)")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
 
     from peft import PeftModel
 
@@ -92,14 +98,14 @@ def main() -> None:
     names = [p.name for p in paths]
 
     ours, tokenizer = load_base(args.base)
-    ours = ours.to(device).eval()
+    ours = ours.to(device, dtype).eval()
     registry = AdapterRegistry(ours)
     engine = Engine(ours, tokenizer, max_batch=ADAPTERS, prepare=registry.acquire, release=registry.release)
     engine.eos_ids = set()  # every request decodes exactly the asked number of tokens
     lorakit_load = [registry.register(n, p).load_ms for n, p in zip(names, paths, strict=True)]
 
     theirs, _ = load_base(args.base)
-    theirs = theirs.to(device).eval()
+    theirs = theirs.to(device, dtype).eval()
     # No end-of-sequence token either: both pick the plain argmax for exactly N tokens (PEFT's
     # min_new_tokens would instead forbid the end token, where lorakit's engine may pick it).
     theirs.generation_config.eos_token_id = None
@@ -155,10 +161,11 @@ def main() -> None:
              [f"adapter load (r={args.rank}, all linear), lorakit", f"{statistics.median(lorakit_load):.0f} ms"],
              [f"adapter load (r={args.rank}, all linear), PEFT load_adapter",
               f"{1000 * statistics.median(peft_load[1:]):.0f} ms"]]
-    suffix = "" if args.rank == 16 else f"_r{args.rank}"
+    suffix = ("" if args.rank == 16 else f"_r{args.rank}") + ("" if args.dtype == "float32" else f"_{args.dtype}")
     path = write_table(
-        f"serve_{args.device}{suffix}", f"Serving 16 adapters of rank {args.rank} in one batch ({args.base}, {args.device})",
-        f"python bench/serve.py --trials {args.trials} --tokens {args.tokens} --device {args.device} --rank {args.rank}",
+        f"serve_{args.device}{suffix}", f"Serving 16 adapters of rank {args.rank} in one batch ({args.base}, {args.device}, {args.dtype} base)",
+        f"python bench/serve.py --trials {args.trials} --tokens {args.tokens} --device {args.device} --rank {args.rank}"
+        + ("" if args.dtype == "float32" else f" --dtype {args.dtype}"),
         ["configuration", "decode tokens/s (median)"], rows,
         notes=f"16 requests (orders test prompts, chat template), greedy, {args.tokens} new tokens each; decode "
               f"throughput excludes the prompt pass; {args.trials} trials, order reversed every other one. Ratios: median "
