@@ -14,9 +14,11 @@ one stream) are per request and per gap, p50 and p99. Both sides run in turns, t
 every other trial; the HTTP / engine ratio is the median of each trial's ratio. On a machine whose
 cores all compute the model, the clients' own CPU time is taken from it too, so the CPU time of
 the server's HTTP thread (uvicorn's event loop: parsing, routing, validation, SSE) is reported
-beside it, as what HTTP costs the server.
+beside it, as what HTTP costs the server. ``--threads N`` gives the model N compute threads
+(default: torch's, one per core); with fewer threads than cores, the clients and the server's HTTP
+thread have a core of their own, as when the clients run elsewhere.
 
-    python bench/serve_http.py [--clients 16 64] [--requests 2] [--tokens 32] [--trials 2]
+    python bench/serve_http.py [--clients 16 64] [--requests 2] [--tokens 32] [--trials 2] [--threads N]
 """
 
 from __future__ import annotations
@@ -134,9 +136,15 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--base", default="smollm2")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="the model's compute threads (default: torch's choice, one per core)")
     args = parser.parse_args()
 
     import psutil
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     from bench.serve import make_adapters
     from lorakit.data.records import read_records
@@ -202,19 +210,26 @@ def main() -> None:
                          f"**{statistics.median(ratios):.3f}x**" if side == "http" else "",
                          f"{median('server_http_cpu_s'):.1f} / {median('client_cpu_s'):.1f} of "
                          f"{median('wall_s'):.1f}" if side == "http" else ""])
+    threads, machine_cores = torch.get_num_threads(), psutil.cpu_count()
+    cores = (f"The HTTP clients run in a separate process on the same {machine_cores} cores as the model's {threads} "
+             "threads (their CPU time is shown: whatever of it the model would have used is taken from the model, "
+             "so that part of a gap is the clients' cost, not the server's)." if threads >= machine_cores else
+             f"The model computes on {threads} of the machine's {machine_cores} cores, so the HTTP clients (a separate "
+             "process) and the server's HTTP thread have a core the model does not use, as when the clients run "
+             "on other machines.")
     path = write_table(
-        "serve_http_cpu", f"HTTP against the engine alone: 16 adapters of rank {args.rank}, mixed ({args.base})",
+        "serve_http_cpu" + ("" if args.threads is None else f"_{args.threads}thread"),
+        f"HTTP against the engine alone: 16 adapters of rank {args.rank}, mixed ({args.base})",
         f"python bench/serve_http.py --clients {' '.join(map(str, args.clients))} --requests {args.requests} "
-        f"--tokens {args.tokens} --trials {args.trials}",
+        f"--tokens {args.tokens} --trials {args.trials}"
+        + ("" if args.threads is None else f" --threads {args.threads}"),
         ["clients", "path", "tokens/s", "TTFT p50 / p99 (ms)", "ITL p50 / p99 (ms)", "HTTP / engine throughput",
          "CPU s: server's HTTP thread / client process, of wall s"],
         rows,
         notes=f"Each client sends {args.requests} chat requests one after the other on its own adapter (client i on "
               f"adapter i mod 16), greedy, exactly {args.tokens} new tokens each; max batch 32, so at 64 clients half "
-              "of them wait for a row. The HTTP clients run in a separate process on the same 2 cores (their CPU time "
-              "is shown: it is taken from the cores the model computes on, so part of the gap is the clients' "
-              "cost, not the server's); the engine-alone threads run in the server's process. Medians over "
-              "trials; the ratio is the median of each trial's ratio.")
+              f"of them wait for a row. {cores} The engine-alone client threads run in the server's process. "
+              "Medians over trials; the ratio is the median of each trial's ratio.")
     print(path.read_text())
 
 

@@ -10,7 +10,8 @@ A family (linear, conv, embedding) supplies four things:
   over the adapter's dropout, to the base output);
 - ``weight_is_transposed``: whether its weight is laid out as the transpose of B @ A, which is all
   merging needs to know (``delta_in_weight_layout``);
-- ``plain_module()``: the base module type again, sharing the same Parameters.
+- ``plain_module()``: the base module type again, sharing the same Parameters;
+and mixes in how it merges (linear.py's ``WeightMerging`` for a weight that takes the update as it is).
 A family that supports DoRA (``supports_dora``) also gives ``weight_output(x)`` (Wx, no bias) and
 ``per_output_channel(values)``; PiSSA/OLoRA initialisation (``supports_svd_init``) needs a weight
 that is one matrix.
@@ -19,7 +20,7 @@ that is one matrix.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 
 import torch
@@ -28,7 +29,6 @@ from torch import nn
 from lorakit.core.config import LoraConfig, lora_scaling
 from lorakit.core.layers.adapter import LoraAdapter, delta_in_weight_layout
 from lorakit.core.layers.dora import dora_output, magnitude_shape, unit_norms
-from lorakit.core.layers.merging import Merging
 from lorakit.core.layers.svd_init import is_svd_init, svd_init
 from lorakit.errors import ConfigError, MergeError
 
@@ -39,9 +39,9 @@ AdapterRouter = Callable[["LoraLayer", torch.Tensor, torch.Tensor], torch.Tensor
 ADAPTER_ROUTER: ContextVar[AdapterRouter | None] = ContextVar("lorakit_adapter_router", default=None)
 
 
-class LoraLayer(Merging):
-    """Mixin for LoRA layers; the concrete classes also inherit their torch base layer. Merging into
-    the weight and back is in merging.py."""
+class LoraLayer:
+    """Mixin for LoRA layers; the concrete classes also inherit their torch base layer, and the merge
+    rules (linear.py's WeightMerging, or QA-LoRA's own)."""
 
     # Whether the config's dropout applies: PEFT and loralib apply none to embedding adapters.
     uses_dropout = True
@@ -176,6 +176,11 @@ class LoraLayer(Merging):
             raise MergeError(f"adapter {name!r} is merged into the weights; unmerge before deleting it")
         del self.lora[name]
         self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    def _to_merge(self, names: Iterable[str] | None) -> list[str]:
+        """The adapters a merge of ``names`` (default: the active ones) adds: held and not yet merged."""
+        names = self.active_adapters if names is None else tuple(names)
+        return [n for n in names if n in self.lora and n not in self.merged_adapters]
 
     def apply_adapter(self, result: torch.Tensor, x: torch.Tensor, adapter: LoraAdapter,
                       base: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,9 +24,10 @@ from lorakit.core.layers.adapter import (
     share_base_parameters,
 )
 from lorakit.core.layers.base import LoraLayer
+from lorakit.core.layers.linear import WeightMerging
 
 
-class _ConvLora(LoraLayer):
+class _ConvLora(LoraLayer, WeightMerging):
     """What Conv1d and Conv2d share; each names its torch class and its pointwise convolution."""
 
     supports_dora = True

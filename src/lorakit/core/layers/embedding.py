@@ -13,9 +13,10 @@ from torch import nn
 from lorakit.core.config import LoraConfig
 from lorakit.core.layers.adapter import LoraAdapter, share_base_parameters
 from lorakit.core.layers.base import LoraLayer
+from lorakit.core.layers.linear import WeightMerging
 
 
-class Embedding(LoraLayer, nn.Embedding):
+class Embedding(LoraLayer, WeightMerging, nn.Embedding):
     """nn.Embedding with LoRA adapters; a drop-in like ``lorakit.Embedding(vocab, dim, r=8)``."""
 
     uses_dropout = False

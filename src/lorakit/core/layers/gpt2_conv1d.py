@@ -11,10 +11,10 @@ from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from lorakit.core.layers.adapter import LoraAdapter, share_base_parameters
 from lorakit.core.layers.base import LoraLayer
-from lorakit.core.layers.linear import linear_adapter_update
+from lorakit.core.layers.linear import WeightMerging, linear_adapter_update
 
 
-class Conv1D(LoraLayer, HFConv1D):
+class Conv1D(LoraLayer, WeightMerging, HFConv1D):
     """transformers' Conv1D with LoRA adapters; A is (r, in) and B (out, r), as for nn.Linear."""
 
     is_linear = True
