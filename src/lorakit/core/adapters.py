@@ -46,9 +46,10 @@ def _active(found: Inventory) -> tuple[str, ...]:
     return tuple(names)
 
 
-def get_adapter_config(model: nn.Module, name: str) -> LoraConfig:
-    """The LoraConfig adapter ``name`` was created from."""
-    return _config(inventory(model), name)
+def get_adapter_config(model: nn.Module, name: str, found: Inventory | None = None) -> LoraConfig:
+    """The LoraConfig adapter ``name`` was created from (``found``: the model's inventory, if the
+    caller walked it already)."""
+    return _config(inventory(model) if found is None else found, name)
 
 
 def _config(found: Inventory, name: str) -> LoraConfig:

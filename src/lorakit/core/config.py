@@ -14,10 +14,9 @@ where the field names differ: ``alpha`` is ``lora_alpha``, ``dropout`` is ``lora
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,21 +141,26 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def module_matches(patterns: str | tuple[str, ...], module_name: str) -> bool:
-    """PEFT's matching rule: a string is a regex over the whole name; a list entry matches the
-    name itself or any name ending in "." + entry."""
+def module_matcher(patterns: str | tuple[str, ...]) -> Callable[[str], bool]:
+    """PEFT's matching rule, as a test of module names: a string is a regex over the whole name; a
+    list entry matches the name itself or any name ending in "." + entry."""
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, module_name) is not None
+        regex = re.compile(patterns)
+        return lambda module_name: regex.fullmatch(module_name) is not None
     # The same rule as a set lookup per dotted suffix of the name: a saved adapter lists every
     # adapted module (210 for SmolLM2), and checking each entry per module cost 18 ms a load.
-    names = _name_set(patterns)
-    parts = module_name.split(".")
-    return any(".".join(parts[i:]) in names for i in range(len(parts)))
+    names = frozenset(patterns)
 
+    def matches(module_name: str) -> bool:
+        dot = -1
+        while True:  # the name, then each suffix after a "."
+            if module_name[dot + 1:] in names:
+                return True
+            dot = module_name.find(".", dot + 1)
+            if dot == -1:
+                return False
 
-@functools.lru_cache(maxsize=64)
-def _name_set(patterns: tuple[str, ...]) -> frozenset[str]:
-    return frozenset(patterns)
+    return matches
 
 
 def _pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lorakit.core.adapters import mark_only_lora_as_trainable, set_adapter
-from lorakit.core.config import ALL_LINEAR, LoraConfig, module_matches
+from lorakit.core.config import ALL_LINEAR, LoraConfig, module_matcher
 from lorakit.core.layers import (
     SUPPORTED_TYPES,
     LoraLayer,
@@ -57,15 +57,17 @@ def plan_injection(model: nn.Module, config: LoraConfig, name: str, activate: bo
                              f"{merged[0][1].merged_adapters} merged; call lorakit.unmerge(model) first")
     plan = InjectionPlan(name, config)
     head = _output_head(model)
+    excluded = module_matcher(config.exclude_modules) if config.exclude_modules is not None else None
+    targeted = module_matcher(config.target_modules)
     for path, module in modules:
         if isinstance(module, ModulesToSave):
             continue
-        if config.exclude_modules is not None and module_matches(config.exclude_modules, path):
+        if excluded is not None and excluded(path):
             continue
         if config.target_modules == ALL_LINEAR:
             if module is head or not is_linear(module):
                 continue
-        elif not module_matches(config.target_modules, path):
+        elif not targeted(path):
             continue
         if lora_class_for(module) is None:
             raise TargetError(
@@ -82,7 +84,8 @@ def plan_injection(model: nn.Module, config: LoraConfig, name: str, activate: bo
             f"adaptable modules here include: {_examples(model)}"
         )
     for pattern in config.modules_to_save or ():
-        matches = {p: m for p, m in modules if module_matches((pattern,), p)}
+        saves = module_matcher((pattern,))
+        matches = {p: m for p, m in modules if saves(p)}
         if not matches:
             raise TargetError(f"modules_to_save entry {pattern!r} matches no module of {type(model).__name__}")
         for path, module in matches.items():

@@ -46,7 +46,7 @@ from torch import nn
 
 from lorakit.core.adapters import active_adapters, adapter_names, get_adapter_config
 from lorakit.core.checks import first_non_finite
-from lorakit.core.config import ALL_LINEAR, LoraConfig, module_matches
+from lorakit.core.config import ALL_LINEAR, LoraConfig, module_matcher
 from lorakit.core.inject import (
     InjectionPlan,
     apply_plan,
@@ -56,7 +56,12 @@ from lorakit.core.inject import (
 from lorakit.core.layers import Embedding, ModulesToSave, QALoraLinear, lora_class_for
 from lorakit.core.layers.dora import magnitude_shape
 from lorakit.core.layers.svd_init import is_svd_init
-from lorakit.core.walk import bias_parameters, lora_layers, model_modules, saved_modules
+from lorakit.core.walk import (
+    bias_parameters,
+    inventory,
+    lora_layers,
+    model_modules,
+)
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.files.atomic import atomic_path, atomic_write_text, fsync_directory
 from lorakit.files.peft_config import from_peft_dict, to_peft_dict
@@ -115,17 +120,18 @@ def _bias_key(path: str, wrapped: bool) -> str:
 
 def adapter_slots(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """Adapter ``name``'s parameters under their file keys: what is saved, and what loading fills."""
-    config = get_adapter_config(model, name)
+    found = inventory(model)  # one walk for the layers, the wrappers and the config
+    config = get_adapter_config(model, name, found)
     slots: dict[str, nn.Parameter] = {}
     targets, saved = set(), set()
-    for path, layer in lora_layers(model):
+    for path, layer in found.layers:
         if name in layer.lora:
             a_key, b_key = matrix_keys(path, isinstance(layer, Embedding))
             slots[a_key], slots[b_key] = layer.lora[name].lora_A, layer.lora[name].lora_B
             if layer.lora[name].magnitude is not None:
                 slots[magnitude_key(path)] = layer.lora[name].magnitude
             targets.add(path)
-    for path, wrapper in saved_modules(model):
+    for path, wrapper in found.wrappers:
         if name in wrapper.modules_to_save:
             for param_name, param in wrapper.modules_to_save[name].named_parameters():
                 slots[_param_key(path, param_name)] = param
@@ -269,10 +275,11 @@ def _file_targets(model: nn.Module, config: LoraConfig, paths: list[str]) -> str
     all_paths = [p for p, _ in model_modules(model) if p]
     wanted = set(paths)
 
+    excluded = module_matcher(config.exclude_modules) if config.exclude_modules is not None else None
+
     def selects(patterns: str | tuple[str, ...]) -> bool:
-        excluded = config.exclude_modules
-        chosen = {p for p in all_paths if module_matches(patterns, p)
-                  and not (excluded is not None and module_matches(excluded, p))}
+        matches = module_matcher(patterns)
+        chosen = {p for p in all_paths if matches(p) and not (excluded is not None and excluded(p))}
         return chosen == wanted
 
     spec = config.target_modules

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lorakit.core.config import ALL_LINEAR, module_matches
+from lorakit.core.config import ALL_LINEAR, module_matcher
 from lorakit.core.svd import (
     low_rank_factors,
     rank_for_energy,
@@ -67,8 +67,9 @@ def factorise_linears(model: nn.Module, targets: str | tuple[str, ...], rank: in
         raise ConfigError("give a rank or an energy fraction (not both)")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     outcomes = []
+    targeted = None if targets == ALL_LINEAR else module_matcher(targets)
     for path, module in list(model.named_modules()):
-        wanted = module is not head if targets == ALL_LINEAR else module_matches(targets, path)
+        wanted = module is not head if targeted is None else targeted(path)
         if type(module) is not nn.Linear or not wanted:
             continue
         values = singular_values(module.weight)

@@ -13,6 +13,10 @@ from torch import nn
 from lorakit.core.config import LoraConfig
 from lorakit.core.layers.dropout import RowKeyedDropout
 
+# Every adapter without dropout shares this one: it holds nothing, and making one per adapter cost a
+# tenth of an adapter load.
+_NO_DROPOUT = nn.Identity()
+
 
 class LoraAdapter(nn.Module):
     """One adapter's trainable pair on one layer: A (r, in...) and B (out, r...)."""
@@ -31,15 +35,17 @@ class LoraAdapter(nn.Module):
         super().__init__()
         # zeroed=False leaves the memory as allocated, for a caller that fills every element (a load).
         make = torch.zeros if zeroed else torch.empty
-        self.lora_A = nn.Parameter(make(a_shape, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(make(b_shape, device=device, dtype=dtype))
-        # DoRA's magnitude vector m (core/layers/dora.py), set by the layer for a DoRA adapter, and
-        # its factor m / ||W + sBA|| as last computed without autograd: (inputs' versions, factor).
-        self.register_parameter("magnitude", None)
-        self.dora_factor_cache: tuple | None = None
-        self.dropout = RowKeyedDropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling = scaling
-        self.config = config  # the LoraConfig it came from: save_adapter writes it back out
+        # Written straight into the module's tables: nn.Module.__setattr__ looks each name up in all
+        # of them first, and loading an adapter builds one LoraAdapter per layer (210 for SmolLM2).
+        # DoRA's magnitude vector m (core/layers/dora.py) is set by the layer for a DoRA adapter.
+        self._parameters.update(lora_A=nn.Parameter(make(a_shape, device=device, dtype=dtype)),
+                                lora_B=nn.Parameter(make(b_shape, device=device, dtype=dtype)), magnitude=None)
+        self._modules["dropout"] = RowKeyedDropout(dropout) if dropout > 0 else _NO_DROPOUT
+        self.__dict__.update(
+            dora_factor_cache=None,  # DoRA's m / ||W + sBA|| as last computed without autograd: (inputs' versions, factor)
+            scaling=scaling,
+            config=config,  # the LoraConfig it came from: save_adapter writes it back out
+        )
 
     def train(self, mode: bool = True) -> LoraAdapter:
         self.dora_factor_cache = None  # edits through .data bypass the version counters; train()/eval() clear
