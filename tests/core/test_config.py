@@ -60,3 +60,20 @@ def test_every_float_setting_refuses_nan_and_infinity(field, value):
         LoraConfig(**{field: value})
     with pytest.raises(ConfigError, match="alpha_pattern"):
         LoraConfig(alpha_pattern={"q_proj": value})
+
+
+@pytest.mark.parametrize(("patterns", "name", "expected"), [
+    (("q_proj",), "model.layers.0.self_attn.q_proj", True),  # a list entry: the name's last part
+    (("self_attn.q_proj",), "model.layers.0.self_attn.q_proj", True),  # or any dotted suffix
+    (("model.layers.0.self_attn.q_proj",), "model.layers.0.self_attn.q_proj", True),  # or the whole name
+    (("proj",), "model.layers.0.self_attn.q_proj", False),  # never part of a word
+    (("attn.q",), "model.layers.0.self_attn.q_proj", False),
+    (("layers.0",), "model.layers.0.self_attn.q_proj", False),  # never a prefix
+    (("q_proj",), "q_proj", True),
+    (r".*\.(q|v)_proj", "model.layers.0.self_attn.v_proj", True),  # a string: a regex over the whole name
+    (r"(q|v)_proj", "model.layers.0.self_attn.v_proj", False),
+])
+def test_module_names_match_as_peft_matches_them(patterns, name, expected):
+    from lorakit.core.config import module_matcher
+
+    assert module_matcher(patterns)(name) is expected

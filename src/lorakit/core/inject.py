@@ -58,13 +58,13 @@ def plan_injection(model: nn.Module, config: LoraConfig, name: str, activate: bo
     plan = InjectionPlan(name, config)
     head = _output_head(model)
     excluded = module_matcher(config.exclude_modules) if config.exclude_modules is not None else None
-    targeted = module_matcher(config.target_modules)
+    targeted = None if config.target_modules == ALL_LINEAR else module_matcher(config.target_modules)
     for path, module in modules:
         if isinstance(module, ModulesToSave):
             continue
         if excluded is not None and excluded(path):
             continue
-        if config.target_modules == ALL_LINEAR:
+        if targeted is None:  # all-linear
             if module is head or not is_linear(module):
                 continue
         elif not targeted(path):
