@@ -72,6 +72,7 @@ def test_every_float_setting_refuses_nan_and_infinity(field, value):
     (("q_proj",), "q_proj", True),
     (r".*\.(q|v)_proj", "model.layers.0.self_attn.v_proj", True),  # a string: a regex over the whole name
     (r"(q|v)_proj", "model.layers.0.self_attn.v_proj", False),
+    (None, "model.layers.0.self_attn.q_proj", False),  # no patterns (exclude_modules unset): nothing
 ])
 def test_module_names_match_as_peft_matches_them(patterns, name, expected):
     from lorakit.core.config import module_matcher

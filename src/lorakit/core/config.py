@@ -141,9 +141,11 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def module_matcher(patterns: str | tuple[str, ...]) -> Callable[[str], bool]:
+def module_matcher(patterns: str | tuple[str, ...] | None) -> Callable[[str], bool]:
     """PEFT's matching rule, as a test of module names: a string is a regex over the whole name; a
-    list entry matches the name itself or any name ending in "." + entry."""
+    list entry matches the name itself or any name ending in "." + entry; None matches nothing."""
+    if patterns is None:
+        return lambda module_name: False
     if isinstance(patterns, str):
         regex = re.compile(patterns)
         return lambda module_name: regex.fullmatch(module_name) is not None

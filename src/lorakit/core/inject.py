@@ -57,12 +57,12 @@ def plan_injection(model: nn.Module, config: LoraConfig, name: str, activate: bo
                              f"{merged[0][1].merged_adapters} merged; call lorakit.unmerge(model) first")
     plan = InjectionPlan(name, config)
     head = _output_head(model)
-    excluded = module_matcher(config.exclude_modules) if config.exclude_modules is not None else None
+    excluded = module_matcher(config.exclude_modules)
     targeted = None if config.target_modules == ALL_LINEAR else module_matcher(config.target_modules)
     for path, module in modules:
         if isinstance(module, ModulesToSave):
             continue
-        if excluded is not None and excluded(path):
+        if excluded(path):
             continue
         if targeted is None:  # all-linear
             if module is head or not is_linear(module):

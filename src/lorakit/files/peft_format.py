@@ -56,12 +56,7 @@ from lorakit.core.inject import (
 from lorakit.core.layers import Embedding, ModulesToSave, QALoraLinear, lora_class_for
 from lorakit.core.layers.dora import magnitude_shape
 from lorakit.core.layers.svd_init import is_svd_init
-from lorakit.core.walk import (
-    bias_parameters,
-    inventory,
-    lora_layers,
-    model_modules,
-)
+from lorakit.core.walk import bias_parameters, inventory, lora_layers, model_modules
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.files.atomic import atomic_path, atomic_write_text, fsync_directory
 from lorakit.files.peft_config import from_peft_dict, to_peft_dict
@@ -275,11 +270,11 @@ def _file_targets(model: nn.Module, config: LoraConfig, paths: list[str]) -> str
     all_paths = [p for p, _ in model_modules(model) if p]
     wanted = set(paths)
 
-    excluded = module_matcher(config.exclude_modules) if config.exclude_modules is not None else None
+    excluded = module_matcher(config.exclude_modules)
 
     def selects(patterns: str | tuple[str, ...]) -> bool:
         matches = module_matcher(patterns)
-        chosen = {p for p in all_paths if matches(p) and not (excluded is not None and excluded(p))}
+        chosen = {p for p in all_paths if matches(p) and not excluded(p)}
         return chosen == wanted
 
     spec = config.target_modules
