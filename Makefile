@@ -22,13 +22,14 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 install: $(STAMP)
 
 # The main job: fine-tune SmolLM2-135M-Instruct on the orders task on the CPU, then score base vs adapter
-# on the test split, and the adapter on the hand-written orders (data/orders/real.jsonl).
+# on the test split, and the adapter on the hand-written orders (data/orders/real.jsonl). Answers copy the
+# item and the address from the message (--copy-fields: generation/copy_constraint.py).
 # It ends by printing how long training plus evaluation took.
 demo: $(STAMP)
 	@start=$$(date +%s); \
 	$(VENV)/bin/lorakit train --config configs/smollm2-orders.yaml --overwrite && \
-	$(VENV)/bin/lorakit eval --adapter out/orders --data data/orders/test.jsonl && \
-	$(VENV)/bin/lorakit eval --adapter out/orders --data data/orders/real.jsonl --no-base && \
+	$(VENV)/bin/lorakit eval --adapter out/orders --data data/orders/test.jsonl --copy-fields item,deliver_to && \
+	$(VENV)/bin/lorakit eval --adapter out/orders --data data/orders/real.jsonl --no-base --copy-fields item,deliver_to && \
 	elapsed=$$(( $$(date +%s) - start )) && \
 	echo "demo: training + evaluation took $$((elapsed / 60)) min $$((elapsed % 60)) s"
 

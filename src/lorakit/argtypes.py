@@ -22,3 +22,15 @@ EXACT_4BIT_HELP = ("compute 4-bit layers by de-quantizing them to float32 (the e
                    "int4 kernel in bfloat16 (about 3x faster at batch 1 on a CPU); no effect on other models")
 JSON_HELP = ("constrain decoding so that every answer is one JSON object: a token that would break it is never "
              "picked, and the answer ends only once the object is closed")
+COPY_FIELDS_HELP = ("comma-separated JSON keys (e.g. item,deliver_to) whose string values must be spans of the prompt: "
+                    "from the start of a word to the end of one (or before a plural's -s/-es; -ies/-ves may end "
+                    "in -y/-f), capitals possibly lowercased; stops a model from bending an unseen word it should "
+                    "copy")
+
+
+def field_names(text: str) -> frozenset[str]:
+    """A --copy-fields value: JSON keys separated by commas."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give JSON keys separated by commas, e.g. item,deliver_to")
+    return frozenset(names)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorakit.argtypes import EXACT_4BIT_HELP, JSON_HELP
+from lorakit.argtypes import COPY_FIELDS_HELP, EXACT_4BIT_HELP, JSON_HELP, field_names
 
 
 def register(commands) -> None:
@@ -35,6 +35,7 @@ def register(commands) -> None:
                         "them (for a 4-bit QA-LoRA adapter the merge rounds the shifted mins to float16)")
     parser.add_argument("--exact-4bit", action="store_true", help=EXACT_4BIT_HELP)
     parser.add_argument("--json", action="store_true", help=JSON_HELP)
+    parser.add_argument("--copy-fields", type=field_names, default=frozenset(), metavar="KEYS", help=COPY_FIELDS_HELP)
     parser.set_defaults(run=_eval)
 
 
@@ -58,13 +59,15 @@ def _eval(args: argparse.Namespace) -> int:
     whole_model = args.adapter is not None and method_of_directory(args.adapter).name == "full"
     if args.adapter is None or whole_model:  # a fully fine-tuned model has no base inside it to compare with
         records = read_records(args.data)[:args.limit]
-        score = score_model(model, tokenizer, records, "model", args.batch_size, progress=True, json_object=args.json)
+        score = score_model(model, tokenizer, records, "model", args.batch_size, progress=True, json_object=args.json,
+                            copy_fields=args.copy_fields)
         shown = sorted(range(len(records)), key=lambda i: score.correct[i])[:args.examples]
         print(report(args.data, records, [score], shown))
         return 0
     records, scores, shown = compare_base_and_adapter(model, tokenizer, args.data, args.limit, args.batch_size,
                                                       with_base=not args.no_base, examples=args.examples,
-                                                      progress=True, merged=not args.unmerged, json_object=args.json)
+                                                      progress=True, merged=not args.unmerged, json_object=args.json,
+                                                      copy_fields=args.copy_fields)
     print(report(args.data, records, scores, shown))
     return 0
 

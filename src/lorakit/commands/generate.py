@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lorakit.argtypes import EXACT_4BIT_HELP, JSON_HELP, finite_float
+from lorakit.argtypes import COPY_FIELDS_HELP, EXACT_4BIT_HELP, JSON_HELP, field_names, finite_float
 
 
 def register(commands) -> None:
@@ -40,6 +40,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling threshold (with --temperature)")
     parser.add_argument("--exact-4bit", action="store_true", help=EXACT_4BIT_HELP)
     parser.add_argument("--json", action="store_true", help=JSON_HELP)
+    parser.add_argument("--copy-fields", type=field_names, default=frozenset(), metavar="KEYS", help=COPY_FIELDS_HELP)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -59,7 +60,7 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = args.messages if args.raw else [
         chat_prompt(tokenizer, [{"role": "user", "content": m}]) for m in args.messages]
     replies = generate_texts(model, tokenizer, prompts, args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, json_object=args.json)
+                             top_p=args.top_p, json_object=args.json, copy_fields=args.copy_fields)
     for message, reply in zip(args.messages, replies, strict=True):
         if len(args.messages) > 1:
             print(f"> {message}")
@@ -97,5 +98,5 @@ def _chat(args: argparse.Namespace) -> int:
         print("model> ", end="", flush=True)
         reply = generate_texts(model, tokenizer, [chat_prompt(tokenizer, history)], args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, streamer=streamer,
-                               json_object=args.json)[0]
+                               json_object=args.json, copy_fields=args.copy_fields)[0]
         history.append({"role": "assistant", "content": reply.strip()})

@@ -18,6 +18,7 @@ from lorakit.core.merge import merge, unmerge
 from lorakit.data.records import read_records
 from lorakit.data.tokenize import padding_id, reference_text, tokenize_record
 from lorakit.evaluation.greedy_check import GreedyStart, answer_span, check_references
+from lorakit.generation.copy_constraint import accepted_tokens
 from lorakit.generation.generate import (
     StopUnlessJsonObject,
     cannot_be_json_object,
@@ -58,7 +59,7 @@ def _json_object(text: str) -> dict | None:
 
 def score_model(model: nn.Module, tokenizer, records: list[dict], label: str, batch_size: int = 16,
                 progress: bool = False, shown: list[int] = (), max_new_tokens: int | None = None,
-                json_object: bool = False) -> Score:
+                json_object: bool = False, copy_fields: frozenset[str] = frozenset()) -> Score:
     """Exact match of greedy answers and loss on the references, of ``model`` on ``records``. Answers
     are at most ``max_new_tokens`` long (default: the longest reference answer and a margin).
 
@@ -67,7 +68,8 @@ def score_model(model: nn.Module, tokenizer, records: list[dict], label: str, ba
     decoded, from where they part from the reference. When every reference is a JSON object, answers
     that cannot become one are cut short (the score is the same, decoding much faster); the answers
     of the ``shown`` rows are then decoded in full, for display. With ``json_object``, decoding is
-    constrained to one JSON object (generation/json_constraint.py)."""
+    constrained to one JSON object (generation/json_constraint.py); with ``copy_fields``, those fields'
+    values are spans of the prompt (generation/copy_constraint.py)."""
     references = [reference_text(r) for r in records]
     json_only = not json_object and all(_json_object(ref) is not None for ref in references)
     examples = [tokenize_record(r, tokenizer, max_length=1 << 20)[0] for r in records]
@@ -75,13 +77,15 @@ def score_model(model: nn.Module, tokenizer, records: list[dict], label: str, ba
                                     progress)
     if json_object:
         starts = [_agreed_part(s, e, tokenizer.eos_token_id) for s, e in zip(starts, examples, strict=True)]
+    if copy_fields:
+        starts = [_allowed_part(s, tokenizer, copy_fields) for s in starts]
     limit = max_new_tokens or max(end - start for start, end in map(answer_span, examples)) + ANSWER_MARGIN
     pending = [i for i, s in enumerate(starts) if not _settled(s, limit, tokenizer, json_only)]
-    _decode_on(model, tokenizer, starts, pending, limit, batch_size, progress, json_only, json_object)
+    _decode_on(model, tokenizer, starts, pending, limit, batch_size, progress, json_only, json_object, copy_fields)
     answers = [tokenizer.decode(s.tokens[:limit], skip_special_tokens=True) for s in starts]
     if json_only:  # shown rows that may have been cut short: decode them in full, for display
         cut = [i for i in shown if cannot_be_json_object(answers[i])]
-        _decode_on(model, tokenizer, starts, cut, limit, batch_size)
+        _decode_on(model, tokenizer, starts, cut, limit, batch_size, copy_fields=copy_fields)
         for i in cut:
             answers[i] = tokenizer.decode(starts[i].tokens, skip_special_tokens=True)
     correct = [matches(a, ref) for a, ref in zip(answers, references, strict=True)]
@@ -101,6 +105,13 @@ def _agreed_part(start: GreedyStart, example, eos_id: int) -> GreedyStart:
     return start if whole else GreedyStart(start.prompt, start.tokens[:agreed], False)
 
 
+def _allowed_part(start: GreedyStart, tokenizer, copy_fields: frozenset[str]) -> GreedyStart:
+    """``start`` cut before its first token the copy constraint refuses: the constraint only ever
+    masks tokens, so constrained greedy decoding agrees with plain greedy decoding up to there."""
+    allowed = accepted_tokens(tokenizer, copy_fields, tokenizer.decode(start.prompt), start.tokens)
+    return start if allowed == len(start.tokens) else GreedyStart(start.prompt, start.tokens[:allowed], False)
+
+
 def _settled(start: GreedyStart, limit: int, tokenizer, json_only: bool) -> bool:
     """Whether the greedy answer begun by ``start`` needs no more decoding to be scored."""
     if start.finished or len(start.tokens) >= limit:
@@ -110,7 +121,8 @@ def _settled(start: GreedyStart, limit: int, tokenizer, json_only: bool) -> bool
 
 
 def _decode_on(model: nn.Module, tokenizer, starts: list[GreedyStart], rows: list[int], limit: int,
-               batch_size: int, progress: bool = False, json_only: bool = False, json_object: bool = False) -> None:
+               batch_size: int, progress: bool = False, json_only: bool = False, json_object: bool = False,
+               copy_fields: frozenset[str] = frozenset()) -> None:
     """Greedy decoding of ``rows`` from where their answers stand, up to ``limit`` answer tokens."""
     rows = [i for i in rows if len(starts[i].tokens) < limit]
     if not rows:
@@ -119,7 +131,7 @@ def _decode_on(model: nn.Module, tokenizer, starts: list[GreedyStart], rows: lis
     budget = limit - min(len(starts[i].tokens) for i in rows)
     new = generate_ids(model, tokenizer, [starts[i].prompt + starts[i].tokens for i in rows], budget, batch_size,
                        progress=progress, json_only=json_only, answered=[len(starts[i].tokens) for i in rows],
-                       json_object=json_object)
+                       json_object=json_object, copy_fields=copy_fields)
     for i, tokens in zip(rows, new, strict=True):
         starts[i].tokens = (starts[i].tokens + tokens)[:limit]
 
@@ -127,7 +139,8 @@ def _decode_on(model: nn.Module, tokenizer, starts: list[GreedyStart], rows: lis
 def compare_base_and_adapter(model: nn.Module, tokenizer, data: str | Path, limit: int | None = None,
                              batch_size: int = 16, with_base: bool = True, examples: int = 3,
                              progress: bool = False, merged: bool = True,
-                             json_object: bool = False) -> tuple[list[dict], list[Score], list[int]]:
+                             json_object: bool = False,
+                             copy_fields: frozenset[str] = frozenset()) -> tuple[list[dict], list[Score], list[int]]:
     """(records, scores, shown): the adapter's score, preceded by the base model's (adapters
     disabled), and the rows worth showing (the adapter's misses first). With ``merged`` the
     adapter is merged for its pass, so generation runs at the base model's speed, and unmerged
@@ -136,7 +149,8 @@ def compare_base_and_adapter(model: nn.Module, tokenizer, data: str | Path, limi
     if merged:
         merge(model)
     try:
-        adapter = score_model(model, tokenizer, records, "adapter", batch_size, progress, json_object=json_object)
+        adapter = score_model(model, tokenizer, records, "adapter", batch_size, progress, json_object=json_object,
+                              copy_fields=copy_fields)
     finally:
         unmerge(model)
     # The adapter's misses first: they say more than its hits. (Its answers are shown as generated:
@@ -146,7 +160,7 @@ def compare_base_and_adapter(model: nn.Module, tokenizer, data: str | Path, limi
     if with_base:
         with disable_adapters(model), methods_disabled(model):
             scores.insert(0, score_model(model, tokenizer, records, "base model", batch_size, progress, shown,
-                                         json_object=json_object))
+                                         json_object=json_object, copy_fields=copy_fields))
     return records, scores, shown
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lorakit.data.tokenize import padding_id
+from lorakit.generation.copy_constraint import CopyFieldRows
 from lorakit.generation.json_constraint import JsonObjectRows
 from lorakit.generation.prompts import left_padded
 
@@ -43,13 +44,15 @@ class StopUnlessJsonObject:
 @torch.no_grad()
 def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
                    temperature: float = 0.0, top_p: float = 1.0, progress: bool = False, streamer=None,
-                   json_only: bool = False, json_object: bool = False) -> list[str]:
+                   json_only: bool = False, json_object: bool = False,
+                   copy_fields: frozenset[str] = frozenset()) -> list[str]:
     """The continuation of each prompt (special tokens removed), in the prompts' order. With
     ``json_only``, a continuation that cannot become a JSON object is cut short (StopUnlessJsonObject);
-    with ``json_object``, decoding is constrained so that every continuation is one JSON object."""
+    with ``json_object``, decoding is constrained so that every continuation is one JSON object; the
+    values of ``copy_fields`` are spans of the prompt (generation/copy_constraint.py)."""
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     new_tokens = generate_ids(model, tokenizer, encoded, max_new_tokens, batch_size, temperature, top_p, progress,
-                              streamer, json_only, json_object=json_object)
+                              streamer, json_only, json_object=json_object, copy_fields=copy_fields)
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
@@ -57,10 +60,11 @@ def generate_texts(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
 def generate_ids(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
                  temperature: float = 0.0, top_p: float = 1.0, progress: bool = False, streamer=None,
                  json_only: bool = False, answered: list[int] | None = None,
-                 json_object: bool = False) -> list[list[int]]:
+                 json_object: bool = False, copy_fields: frozenset[str] = frozenset()) -> list[list[int]]:
     """The new token ids after each prompt, in the prompts' order. ``answered[i]``: how many of prompt
     i's last tokens are already part of its answer (for ``json_only``, which looks at the answer's head,
-    and ``json_object``, which constrains the whole answer to one JSON object)."""
+    and ``json_object`` and ``copy_fields``, which constrain the whole answer); the rest of the prompt
+    is the text ``copy_fields`` copy from."""
     device = next(model.parameters()).device
     pad_id = padding_id(tokenizer)
     answered = answered or [0] * len(prompts)
@@ -79,10 +83,13 @@ def generate_ids(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_
         answer_starts = [width - answered[i] for i in rows]
         stop = [StopUnlessJsonObject(tokenizer, answer_starts)] if json_only and not json_object else None
         allowed = JsonObjectRows(tokenizer, answer_starts) if json_object else None
+        copied = [CopyFieldRows(tokenizer, copy_fields, [tokenizer.decode(prompts[i][:len(prompts[i]) - answered[i]])
+                                                         for i in rows], answer_starts)] if copy_fields else None
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                                    eos_token_id=tokenizer.eos_token_id, streamer=streamer,
-                                   stopping_criteria=stop, prefix_allowed_tokens_fn=allowed, **sampling)
+                                   stopping_criteria=stop, prefix_allowed_tokens_fn=allowed,
+                                   logits_processor=copied, **sampling)
         for row, i in enumerate(rows):
             outputs[i] = _until_eos(generated[row, width:].tolist(), tokenizer.eos_token_id)
     return outputs
