@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit.generation.copy_constraint import JsonFieldScan, SpanSource, accepted_tokens
+from lorakit.generation.copy_constraint import (
+    JsonFieldScan,
+    SpanSource,
+    accepted_tokens,
+)
 from lorakit.generation.generate import generate_ids
 from lorakit.generation.prompts import chat_prompt
 

@@ -6,7 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from lorakit.argtypes import COPY_FIELDS_HELP, EXACT_4BIT_HELP, JSON_HELP, field_names, finite_float
+from lorakit.argtypes import (
+    COPY_FIELDS_HELP,
+    EXACT_4BIT_HELP,
+    JSON_HELP,
+    field_names,
+    finite_float,
+)
 
 
 def register(commands) -> None:
