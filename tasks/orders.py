@@ -10,7 +10,7 @@ postcode included), or null for a pickup or an order without one.
 
 What varies (tasks/orders_words.py holds the words): sentence shapes, greetings and sign-offs, the
 address before, inside or after the order, flats, units and floors before or after the street,
-towns and postcodes, numbers that are not quantities (times, prices, phone numbers, codes, house
+towns and postcodes, a time or a note for the driver right after the address (not part of it), numbers that are not quantities (times, prices, phone numbers, codes, house
 numbers, digits inside item names), "a"/"an"/"a couple of"/"half a dozen"/"two dozen"/"4 x",
 typing shortcuts (pls, thx, u), all-lowercase and ALL-CAPS messages, and made-up nouns among ~270
 real ones, so that the model learns to copy and singularise a noun rather than snap to one it knows.
@@ -64,16 +64,17 @@ class Pools:
     whole_streets: list[str]
     order_frames: list[str]
     delivery_frames: list[str]
+    remarks: list[str]  # notes after the address, for the delivery frames that have a {remark}
     pickup_frames: list[str]
     made_up_nouns: float  # the share of items whose noun is a made-up word
 
 
 TRAIN_POOLS = Pools(w.TRAIN_NOUNS, w.MODIFIERS_TRAIN, w.DIGIT_MODIFIERS_TRAIN, w.STREET_NAMES_TRAIN, w.WHOLE_STREETS,
-                    w.ORDER_FRAMES_TRAIN, w.DELIVERY_FRAMES_TRAIN, w.PICKUP_FRAMES_TRAIN, 0.15)
+                    w.ORDER_FRAMES_TRAIN, w.DELIVERY_FRAMES_TRAIN, w.REMARKS_TRAIN, w.PICKUP_FRAMES_TRAIN, 0.15)
 VAL_POOLS = Pools(w.VAL_NOUNS, w.MODIFIERS_TRAIN, w.DIGIT_MODIFIERS_TRAIN, w.STREET_NAMES_VAL, [],
-                  w.ORDER_FRAMES_VAL, w.DELIVERY_FRAMES_VAL, w.PICKUP_FRAMES_VAL, 0.0)
+                  w.ORDER_FRAMES_VAL, w.DELIVERY_FRAMES_VAL, w.REMARKS_VAL, w.PICKUP_FRAMES_VAL, 0.0)
 TEST_POOLS = Pools(w.TEST_NOUNS, w.MODIFIERS_TRAIN + w.MODIFIERS_TEST, w.DIGIT_MODIFIERS_TEST, w.STREET_NAMES_TEST, [],
-                   w.ORDER_FRAMES_TEST, w.DELIVERY_FRAMES_TEST, w.PICKUP_FRAMES_TEST, 0.0)
+                   w.ORDER_FRAMES_TEST, w.DELIVERY_FRAMES_TEST, [], w.PICKUP_FRAMES_TEST, 0.0)
 POOLS = {"train": TRAIN_POOLS, "val": VAL_POOLS, "test": TEST_POOLS}
 HELD_OUT_NOUNS = tuple(noun.replace("_", " ") for noun in VAL_POOLS.nouns + TEST_POOLS.nouns)
 
@@ -101,7 +102,10 @@ def make_example(rng: random.Random, pools: Pools) -> dict:
     else:
         sentence = sentence.format(order=order)
         if address is not None:
-            where = _capitalised(_shortcuts(rng, rng.choice(pools.delivery_frames))).format(address=address)
+            frame = rng.choice(pools.delivery_frames)  # a time or a remark is drawn only for a frame that has one
+            where = _capitalised(_shortcuts(rng, frame)).format(
+                address=address, time=rng.choice(w.TIMES) if "{time}" in frame else "",
+                remark=rng.choice(pools.remarks) if "{remark}" in frame else "")
         else:
             where = _capitalised(_shortcuts(rng, rng.choice(pools.pickup_frames))) if roll < 0.85 else ""
             where = where.format(time=rng.choice(w.TIMES))

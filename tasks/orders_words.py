@@ -118,8 +118,17 @@ DELIVERY_FRAMES_TRAIN = [
     "I live at {address}.", "deliver to {address} pls", "to {address}.", "{address}.", "Sending to {address}.",
     "address is {address}", "Deliver it to {address} please.", "send to {address}", "It's {address}.",
     "Please deliver to {address}.", "We are at {address}.", "Can it go to {address}?",
+    # Words after the address that are not part of it: a time, or a note for the driver.
+    "Deliver to {address} {time}.", "Send it to {address} {time} please", "Bring it to {address}, {remark}.",
+    "to {address}, {remark}", "{address} - {remark}.", "Drop it at {address} {remark}",
 ]
-DELIVERY_FRAMES_VAL = ["Leave it at {address}.", "Our place is {address}.", "Get it over to {address}."]
+DELIVERY_FRAMES_VAL = ["Leave it at {address}.", "Our place is {address}.", "Get it over to {address}.",
+                       "Leave it at {address} {time}.", "Get it over to {address}, {remark}."]
+# Notes for the driver, written after the address (never part of it).
+REMARKS_TRAIN = ["ring the bell twice", "the blue door", "round the back", "by the side gate", "knock loudly",
+                 "leave it on the step", "opposite the park", "next to the pharmacy", "2nd house on the left",
+                 "thanks", "cheers x", "asap", "no rush", "ta"]
+REMARKS_VAL = ["green door on the right", "near the church", "just leave it with the neighbour", "much appreciated"]
 DELIVERY_FRAMES_TEST = ["You can find me at {address}.", "Please deliver it over to {address}.",
                         "Have it brought to {address}."]
 

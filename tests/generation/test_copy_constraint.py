@@ -38,7 +38,10 @@ def _writes(source: str, answer: str) -> bool:
     ("3 large lattes", '{"deliver_to": "5 Elm Street"', False),
     ('a "special" pie', '{"item": "\\"special\\" pie"', True),  # escapes are read as what they stand for
     ("a caf\u00e9 latte", '{"item": "caf\\u00e9 latte"', True),
+    ("oat milk lattes", '{"item": "oat \ufffd', False),  # part of a character where the source has none
+    ("a caf\u00e9 latte", '{"item": "caf\ufffd', True),  # part of the one it has: not comparable, allowed
     ("katsudons", '{"item": "katsu\\don"', False),  # not a JSON escape
+    ("katsudons", '{"item": "katsu\\u00zz', False),
     ("katsudons", '{"item": "katsu\\', False),  # a backslash where the next character needs no escape
     ("3 large lattes", 'Sure! "latte" is a fine choice', True),  # not JSON: nothing to constrain
 ])
@@ -49,6 +52,14 @@ def test_values_of_copy_fields_are_word_spans_of_the_prompt(source, answer, allo
 def test_a_string_value_of_a_key_that_is_not_copied_is_not_checked():
     assert _writes("2 pizzas", '{"size": "enormous", "item": "pizza"}')
     assert not _writes("2 pizzas", '{"size": "pizza", "item": "enormous"')
+
+
+def test_a_refused_piece_is_read_whole_so_the_fields_after_it_are_known():
+    scan = JsonFieldScan(FIELDS, SpanSource("eleven katsudons to 260 Elder St"))
+    assert not scan.feed('{"item": "katsu", ')  # closes mid-word, then a comma and a blank
+    assert scan.feed('"size": "enormous", ')  # a key, then a value of a field that is not copied
+    assert not scan.feed('"deliver_to": "261')
+    assert scan.feed(' Elder St"}')  # the refused value is not checked from there on
 
 
 def test_accepted_tokens_stop_before_the_first_refused_token(smol_tokenizer):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tasks import orders
+from tasks import orders_words as w
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "orders"
 
@@ -68,7 +69,8 @@ def test_quantity_phrases_are_read_as_numbers(splits):
 
 def test_training_holds_the_traps_of_real_messages(splits):
     """Digits that are not the quantity, addresses with a flat before the street, whole messages in
-    one case, plurals of every shape: each is in the training data, and labelled as the README says."""
+    one case, notes and times right after an address, plurals of every shape: each is in the training
+    data, and labelled as the README says."""
     answers = _answers(splits["train"])
     messages = [e["messages"][0]["content"] for e in splits["train"]]
     digit_items = [a for a in answers if re.match(r"\d+-\w+ ", a["item"])]
@@ -77,6 +79,12 @@ def test_training_holds_the_traps_of_real_messages(splits):
     shouting = [(m, a) for m, a in zip(messages, answers, strict=True) if m == m.upper() and a["deliver_to"]]
     assert shouting and all(a["deliver_to"] == a["deliver_to"].upper() for _, a in shouting)
     assert all(a["item"] == a["item"].lower() for _, a in shouting)
+    # A note or a time right after the address, which the address must not take in.
+    noted = [(m, a) for m, a in zip(messages, answers, strict=True)
+             if a["deliver_to"] and any(f"{a['deliver_to']}, {r}" in m for r in orders.TRAIN_POOLS.remarks)]
+    timed = [(m, a) for m, a in zip(messages, answers, strict=True)
+             if a["deliver_to"] and any(f"{a['deliver_to']} {t}" in m for t in w.TIMES)]
+    assert len(noted) > 20 and len(timed) > 20
     plurals = {orders.plural_of(a["item"].split()[-1])[-3:] for a in answers}
     assert {"ies", "ves", "xes", "hes", "oes"} <= plurals  # pasties, loaves, boxes, peaches, potatoes
 
@@ -91,6 +99,7 @@ def test_held_out_items_streets_and_templates_never_appear_in_training(splits, h
     pools = orders.POOLS[held_out.removeprefix("frozen ")]
     assert not any(re.search(rf"\b{noun.replace('_', ' ')}", seen_text) for noun in pools.nouns)
     assert not any(street.replace("_", " ").lower() in seen_text for street in pools.streets)
+    assert not any(re.search(rf"\b{remark}\b", seen_text) for remark in pools.remarks)
     for frame in pools.order_frames + pools.delivery_frames + pools.pickup_frames:
         fixed = max(re.split(r"\{\w+\}", frame), key=len).strip()  # the frame's longest literal part
         assert fixed.lower() not in seen_text, frame

@@ -12,8 +12,9 @@ Keys, other fields, numbers and null are left alone, and so is an answer that is
 
 Greedy decoding under the constraint is plain greedy decoding up to the first token the constraint
 refuses; there it takes the best-scoring allowed token. (The candidates checked are the tokens whose
-first character can come next, best first, until TOP_K are allowed: sampling keeps those.) A token holding part of a character (a byte-level piece, decoded
-as U+FFFD) cannot be checked: the value it falls in is not constrained from there on.
+first character can come next, best first, until TOP_K are allowed: sampling keeps those.) A token
+holding part of a character (a byte-level piece, decoded as U+FFFD) cannot be compared: it is allowed
+only where the source has a character beyond ASCII next, and the value is not constrained from there on.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class SpanSource:
         """The lowercase forms of the characters that can come next."""
         return {self.lowered[r][i] for r, i in live if i < len(self.readings[r])}
 
+    def beyond_ascii_next(self, live: tuple) -> bool:
+        """Whether a character beyond ASCII (one a byte-level token may hold only part of) can come next."""
+        return any(not c.isascii() for c in self.next_characters(live))
+
     def may_end(self, live: tuple) -> bool:
         """Whether a value matching the spans ``live`` may end there: at a word's end, or before the
         plural ending of one."""
@@ -82,7 +87,7 @@ class JsonFieldScan:
         self.in_string = self.escape = self.expect_key = self.reading_key = False
         self.hex = None  # the digits of a \\u escape being read
         self.key = self.buffer = ""
-        self.live = None  # in a copy field's value: the spans it can still be; None elsewhere
+        self.live = None  # in a copy field's value: the spans it can still be (or _UNCHECKED); None elsewhere
 
     def copy(self) -> JsonFieldScan:
         clone = object.__new__(JsonFieldScan)
@@ -94,10 +99,15 @@ class JsonFieldScan:
         return self.live is not None and self.live is not _UNCHECKED
 
     def feed(self, piece: str) -> bool:
+        """Reads ``piece`` whole; whether every character of it was allowed. The value a refused
+        character falls in is not checked from there on (an answer resumed past it reads on)."""
+        allowed = True
         for ch in piece:
             if not (self._in_string(ch) if self.in_string else self._outside(ch)):
-                return False
-        return True
+                allowed = False
+                if self.live is not None:
+                    self.live = _UNCHECKED
+        return allowed
 
     def _outside(self, ch: str) -> bool:
         if ch in "{[":
@@ -121,7 +131,10 @@ class JsonFieldScan:
             self.hex += ch
             if len(self.hex) < 4:
                 return True
-            ch, self.hex = (chr(int(self.hex, 16)) if re.fullmatch(r"[0-9a-fA-F]{4}", self.hex) else "\ufffd"), None
+            digits, self.hex = self.hex, None
+            if not re.fullmatch(r"[0-9a-fA-F]{4}", digits):
+                return False  # not JSON
+            ch = chr(int(digits, 16))
         elif self.escape:
             self.escape = False
             if ch == "u":
@@ -144,7 +157,9 @@ class JsonFieldScan:
         self.buffer += ch
         if not self.in_copy_value:
             return True
-        if ch == "\ufffd":  # part of a character: it cannot be compared with the source
+        if ch == "\ufffd":  # part of a character: allowed (and the value unchecked) where one may come next
+            if not self.source.beyond_ascii_next(self.live):
+                return False
             self.live = _UNCHECKED
             return True
         self.live = self.source.advance(self.live, ch)
@@ -197,8 +212,7 @@ class CopyFieldRows:
         for row, scan in enumerate(self.scans):
             answer = input_ids[row, self.answer_starts[row] + self.read[row]:].tolist()
             for token in answer:
-                if not scan.feed(self.pieces[token]):
-                    scan.live = _UNCHECKED  # a forced or resumed token broke the span: stop checking it
+                scan.feed(self.pieces[token])  # a refused token here was forced or resumed: read on
             self.read[row] += len(answer)
             if scan.in_copy_value:
                 self._keep_allowed(scan, scores[row])
@@ -210,7 +224,12 @@ class CopyFieldRows:
         first character can come next are candidates: the value's next character in some span, a
         quote that closes it, a backslash that escapes one."""
         firsts = scan.source.next_characters(scan.live) | {'"', "\\"}
-        candidates = torch.cat([self.by_first[c] for c in firsts if c in self.by_first]).to(scores.device)
+        if scan.source.beyond_ascii_next(scan.live):
+            firsts.add("\ufffd")  # tokens holding part of that character
+        groups = [self.by_first[c] for c in firsts if c in self.by_first]
+        if not groups:
+            return
+        candidates = torch.cat(groups).to(scores.device)
         ranked, order = scores[candidates].sort(descending=True)
         allowed = []
         for score, token in zip(ranked.tolist(), candidates[order].tolist(), strict=True):
