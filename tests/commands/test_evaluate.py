@@ -35,6 +35,17 @@ def test_generate_replies_with_the_adapter(trained, tiny_base_dir, capsys):
     assert "> one pizza" in out and "> two pizzas" in out
 
 
+def test_eval_and_generate_copy_fields_from_the_message(trained, tiny_base_dir, capsys):
+    assert main(["eval", "--adapter", str(trained / "adapter"), "--base", str(tiny_base_dir), "--no-base",
+                 "--data", str(trained / "test.jsonl"), "--copy-fields", "item,deliver_to", "--json"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith("adapter")
+    assert main(["generate", "--adapter", str(trained / "adapter"), "--base", str(tiny_base_dir),
+                 "--max-new-tokens", "4", "--copy-fields", "item", "one pizza"]) == 0
+    with pytest.raises(SystemExit) as done:
+        main(["eval", "--copy-fields", "item,,size"])
+    assert done.value.code == 2 and "give JSON keys separated by commas" in capsys.readouterr().err
+
+
 def test_bad_generation_settings_are_one_line(tiny_base_dir, capsys):
     assert main(["generate", "--base", str(tiny_base_dir), "--top-p", "0", "hi"]) == 2
     assert capsys.readouterr().err.startswith("error: --max-new-tokens must be")
