@@ -14,8 +14,11 @@ embedded GGUF's Q4_1 blocks: 4 bits, groups of 32):
    to data/orders/test.jsonl with the int4 kernel against the de-quantizing path.
 
     python bench/qalora.py [--trials 3] [--steps 4] [--batch 8] [--device cpu] [--parity-adapter DIR]
+    python bench/qalora.py --compute-dtype bfloat16
 
-Writes bench/results/qalora_<device>.md.
+Writes bench/results/qalora_<device>.md. ``--compute-dtype bfloat16`` measures the training step only,
+both sides' forward under the same bfloat16 autocast (``lorakit train``'s ``compute_dtype``); writes
+qalora_<device>_bfloat16.md.
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ def train_worker(variant: str, args: argparse.Namespace) -> dict:
     from lorakit.data.batches import collate, epoch_batches
     from lorakit.data.tokenize import tokenize_file
     from lorakit.train.loss import loss_sum
+    from lorakit.train.precision import compute_context
 
     device = torch.device(args.device)
+    compute = compute_context(args.compute_dtype, device)
     model, tokenizer = _model(variant, device)
     examples = tokenize_file(DATA, tokenizer, max_length=256)
     rows = epoch_batches([len(e) for e in examples], args.batch, seed=0, epoch=0)[: args.steps + 1]
@@ -70,7 +75,9 @@ def train_worker(variant: str, args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step(batch) -> None:
-        (loss_sum(model, batch) / batch.loss_tokens).backward()
+        with compute():
+            loss = loss_sum(model, batch) / batch.loss_tokens
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -166,6 +173,31 @@ def answer_parity(adapter: Path) -> dict:
     return {"same": same, "n": len(records), "kernel": kernel.exact_match, "exact": exact.exact_match}
 
 
+def _step_row(train: dict, label: str) -> list[str]:
+    f, q = train["lora"], train["qalora"]
+    return [label, f"{q['step'] * 1000:.0f} ms, {q['tokens_per_s']:,.0f} tok/s, peak +{q['peak'] / 2**20:.0f} MiB",
+            f"LoRA on float32: {f['step'] * 1000:.0f} ms, {f['tokens_per_s']:,.0f} tok/s, peak +{f['peak'] / 2**20:.0f} MiB",
+            f"time **{q['step'] / f['step']:.2f}x**, memory **{q['peak'] / f['peak']:.2f}x**"]
+
+
+def write_bfloat16_steps(train: dict, args: argparse.Namespace) -> None:
+    """The training step under bfloat16 autocast, QA-LoRA (int4 kernel forward) against LoRA."""
+    path = write_table(
+        f"qalora_{args.device}_{args.compute_dtype}",
+        f"QA-LoRA on a 4-bit base vs LoRA on float32, {args.compute_dtype} products under autocast "
+        f"(SmolLM2-135M-Instruct, {args.device})",
+        f"python bench/qalora.py --trials {args.trials} --steps {args.steps} --batch {args.batch} "
+        f"--device {args.device} --compute-dtype {args.compute_dtype}",
+        ["measured", "value", "compared with", "ratio"],
+        [_step_row(train, "training step, QA-LoRA on the 4-bit base")],
+        notes=f"Batches of {args.batch} orders examples, forward under the same {args.compute_dtype} autocast on "
+              f"both sides (weights and adapters keep their dtypes), backward outside it, AdamW; {args.trials} "
+              f"alternating child processes x {args.steps} steps. QA-LoRA de-quantizes the 4-bit weights in forward "
+              "and again in backward; autocast then multiplies in bfloat16 on both sides. LoRA's base is float32.",
+    )
+    print(path.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=3, help="training child processes per variant, alternating")
@@ -174,30 +206,31 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--parity-adapter", type=Path, help="a QA-LoRA adapter trained on orders (configs/"
                         "smollm2-orders-qalora.yaml): compare its merged answers, int4 kernel vs exact path")
+    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the training forward's matrix products, on both sides (autocast); bfloat16 measures "
+                        "the training step only")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(train_worker(args.worker, args)))
         return
 
-    memory = linear_memory()
     results = alternate_workers(__file__, VARIANTS, args.trials,
-                                ["--steps", str(args.steps), "--batch", str(args.batch), "--device", args.device])
+                                ["--steps", str(args.steps), "--batch", str(args.batch), "--device", args.device,
+                                 "--compute-dtype", args.compute_dtype])
     train = {}
     for variant, runs in results.items():
         step = statistics.median(t for r in runs for t in r["times"])
         train[variant] = {"step": step, "peak": statistics.median(r["peak"] for r in runs),
                           "tokens_per_s": runs[0]["tokens"] / args.steps / step, "trainable": runs[0]["trainable"]}
+    if args.compute_dtype != "float32":
+        write_bfloat16_steps(train, args)
+        return
+    memory = linear_memory()
     speeds = {batch: decode_speeds(torch.device(args.device), args.trials, batch) for batch in (1, 16)}
 
     rows = [[f"linear weights, {spec}", packed, f"float32: {dense}", ratio] for spec, packed, dense, ratio in memory]
-    f = train["lora"]
-    lora_step = (f"LoRA on float32: {f['step'] * 1000:.0f} ms, {f['tokens_per_s']:,.0f} tok/s, "
-                 f"peak +{f['peak'] / 2**20:.0f} MiB")
-    q = train["qalora"]
-    rows.append(["training step, QA-LoRA on the 4-bit base",
-                 f"{q['step'] * 1000:.0f} ms, {q['tokens_per_s']:,.0f} tok/s, peak +{q['peak'] / 2**20:.0f} MiB",
-                 lora_step, f"time **{q['step'] / f['step']:.2f}x**, memory **{q['peak'] / f['peak']:.2f}x**"])
+    rows.append(_step_row(train, "training step, QA-LoRA on the 4-bit base"))
     for batch, by_name in speeds.items():
         rows += [[f"greedy decoding, batch {batch}: {name}", f"{tps:.1f} tok/s",
                   f"{FLOAT}: {by_name[FLOAT]:.1f} tok/s", f"**{tps / by_name[FLOAT]:.2f}x**"]
@@ -217,7 +250,7 @@ def main() -> None:
         notes="Quantized sizes count packed codes plus float16 scales and mins. Training: batches of "
               f"{args.batch} orders examples, forward + backward + AdamW, {args.trials} alternating child processes x "
               f"{args.steps} steps; QA-LoRA trains {train['qalora']['trainable']:,} adapter parameters (its A is "
-              f"(r, in/32)), LoRA {f['trainable']:,}. Training de-quantizes the 4-bit weights in forward and again in "
+              f"(r, in/32)), LoRA {train['lora']['trainable']:,}. Training de-quantizes the 4-bit weights in forward and again in "
               "backward (float32, exact). Inference with the int4 kernel computes x W^T from the packed codes in "
               "bfloat16 (activations rounded to bfloat16, float32 accumulation); the de-quantizing path is the "
               "exact float32 reference. "
