@@ -37,7 +37,11 @@ TRAIN_NOUNS = words("""
 VAL_NOUNS = words("""
     gnocchi ravioli tortellini crumpet shortbread flapjack cinnamon_twist pasty tiramisu
     galette dosa idli vada katsudon udon soba gyro souvlaki pita hummus_wrap
-    """)
+    kofta blintz pakora dolma tamago arancino cannolo sfogliatella zeppola bombolone cornetto piadina
+    panzerotto pasticcio lokma simit canele trifle pavlova scotch_egg bannock oatcake johnnycake congee
+    wonton jiaozi mandu char_siu_bun tteok hotteok stromboli muffaletta po_boy hoagie grinder poutine
+    tourtiere sopapilla alfajor knafeh kunafa basbousa maamoul halva
+    """)  # 64 nouns: a validation score is not decided by how a handful of them tokenize
 TEST_NOUNS = words("""
     calzone empanada dumpling frappe turnover pretzel kebab scone pancake panini macaroon bisque
     cortado croquette brownie gyoza
