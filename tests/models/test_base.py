@@ -30,6 +30,30 @@ def test_embedded_default_loads_as_smollm2_and_caches_the_conversion(smollm2):
     assert cached.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
+def test_the_cache_is_keyed_by_content_not_by_where_the_file_lies(smollm2, tmp_path, monkeypatch):
+    """The same GGUF at another path (another clone's .venv) finds the one conversion; a changed byte
+    does not, nor does a corrupt remembered digest."""
+    import shutil
+
+    *_, cache = smollm2
+    monkeypatch.setenv("LORAKIT_CACHE", str(cache))
+    original = base_model.embedded_gguf_path()
+    copy = tmp_path / "elsewhere" / original.name
+    copy.parent.mkdir()
+    shutil.copyfile(original, copy)
+    converted = next((cache / "gguf").iterdir())
+    assert base_model._cache_dir_for(copy) == base_model._cache_dir_for(original) == converted
+    for remembered in (cache / "gguf-digests").iterdir():
+        remembered.write_text("not a digest")
+    assert base_model._cache_dir_for(copy) == converted  # hashed again
+    with copy.open("r+b") as file:
+        file.seek(copy.stat().st_size // 2)
+        byte = file.read(1)
+        file.seek(-1, 1)
+        file.write(bytes([byte[0] ^ 1]))
+    assert base_model._cache_dir_for(copy) != converted
+
+
 def test_the_loaded_weights_are_a_working_chat_model(smollm2):
     _, model, tokenizer, _ = smollm2
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.files.atomic import fsync_directory, fsync_tree
+from lorakit.files.atomic import atomic_write_text, fsync_directory, fsync_tree
 from lorakit.files.peft_format import adapter_base_name, read_adapter_config
 from lorakit.methods.method import method_of_directory
 from lorakit.models.compress import is_compressed_directory, load_compressed
@@ -133,10 +133,32 @@ def _load_gguf(path: Path, dtype: torch.dtype, name: str) -> tuple[nn.Module, ob
 
 
 def _cache_dir_for(gguf: Path) -> Path:
-    # Keyed by the file's identity, so a changed file is converted again.
+    # Keyed by the file's content: a changed file is converted again, and the same file installed
+    # elsewhere (each fresh clone's .venv holds its own copy of the embedded model) shares one
+    # conversion instead of adding another ~0.5 GB.
+    return cache_root() / "gguf" / f"{gguf.stem}-{_content_digest(gguf)[:16]}"
+
+
+def _content_digest(gguf: Path) -> str:
+    """The SHA-256 of the file, read whole once per (path, size, modification time): hashing costs
+    ~0.15 s per 100 MB, so the digest is remembered beside the cache."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    identity = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    remembered = cache_root() / "gguf-digests" / identity
+    try:
+        digest = remembered.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        digest = ""
+    if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return digest
+    content = hashlib.sha256()
+    with gguf.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            content.update(block)
+    digest = content.hexdigest()
+    remembered.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(remembered, digest)
+    return digest
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
