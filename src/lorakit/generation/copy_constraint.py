@@ -5,9 +5,10 @@ says, but a small model spelling a noun it has never seen bends it towards one i
 scones" -> "cheese sconce", "3 LARGE LATTES" -> "laser"). With copy fields, while an answer is
 inside the string value of one of those keys, a token is allowed only if the value stays a span of
 the prompt that starts at the first character of a word; a capital may be written in lowercase (an
-ALL-CAPS message may give a lowercase value), never the reverse. The string may close where a word of the prompt ends, or before the
-"s" that ends one (or the "es" after s, x, z, o, ch or sh), and a word ending in "ies" or "ves" may also end in "y" or "f": so
-"pasties" gives "pasty" or "pastie", "loaves" gives "loaf", "scones" gives "scone", never "scon".
+ALL-CAPS message may give a lowercase value), never the reverse. The string may close where a word
+of the prompt ends, or before the "s" that ends one (or the "es" after s, x, z, o, ch or sh), and a
+word ending in "ies" or "ves" may also end in "y" or "f": so "pasties" gives "pasty" or "pastie",
+"loaves" gives "loaf", "scones" gives "scone", never "scon".
 Keys, other fields, numbers and null are left alone, and so is an answer that is not JSON.
 
 Greedy decoding under the constraint is plain greedy decoding up to the first token the constraint
@@ -26,7 +27,7 @@ import torch
 
 TOP_K = 32  # allowed tokens kept per step, best first, for sampling (greedy takes the first)
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-_UNCHECKED = object()  # `live` of a value the constraint has given up on (a partial character)
+_UNCHECKED = object()  # `live` of a value no longer checked (a partial character, or a refused token read on)
 
 
 # What may be left of a word where a value ends: a plural's "s", or its "es" after s, x, z, o, ch, sh.
