@@ -128,11 +128,12 @@ DELIVERY_FRAMES_TRAIN = [
 ]
 DELIVERY_FRAMES_VAL = ["Leave it at {address}.", "Our place is {address}.", "Get it over to {address}.",
                        "Leave it at {address} {time}.", "Get it over to {address}, {remark}."]
-# Notes for the driver, written after the address (never part of it).
-REMARKS_TRAIN = ["ring the bell twice", "the blue door", "round the back", "by the side gate", "knock loudly",
-                 "leave it on the step", "opposite the park", "next to the pharmacy", "2nd house on the left",
+# Notes for the driver, written after the address (never part of it). No phrase here occurs in
+# data/orders/real.jsonl beyond single common words (tests/tasks/test_orders.py checks it).
+REMARKS_TRAIN = ["ring twice please", "the red door", "round the back", "by the side gate", "knock loudly",
+                 "leave it on the step", "opposite the park", "next to the pharmacy", "the house with the green gate",
                  "thanks", "cheers x", "asap", "no rush", "ta"]
-REMARKS_VAL = ["green door on the right", "near the church", "just leave it with the neighbour", "much appreciated"]
+REMARKS_VAL = ["green door on the right", "near the church", "just leave it with the neighbour", "cheers in advance"]
 DELIVERY_FRAMES_TEST = ["You can find me at {address}.", "Please deliver it over to {address}.",
                         "Have it brought to {address}."]
 

@@ -89,6 +89,13 @@ def test_training_holds_the_traps_of_real_messages(splits):
     assert {"ies", "ves", "xes", "hes", "oes"} <= plurals  # pasties, loaves, boxes, peaches, potatoes
 
 
+def test_no_note_after_an_address_is_a_phrase_of_the_hand_written_orders():
+    """real.jsonl is scored, never learnt from: the generator's notes (several words) are not taken from it."""
+    real = (DATA / "real.jsonl").read_text(encoding="utf-8").lower()
+    phrases = [r for r in orders.TRAIN_POOLS.remarks + orders.VAL_POOLS.remarks if " " in r]
+    assert len(phrases) > 10 and not [r for r in phrases if r in real]
+
+
 @pytest.mark.parametrize(("held_out", "seen"), [("test", ("train", "val")), ("frozen test", ("train", "val")),
                                                 ("val", ("train",))])
 def test_held_out_items_streets_and_templates_never_appear_in_training(splits, held_out, seen):
