@@ -14,6 +14,8 @@ import threading
 
 import torch
 
+from lorakit.generation.copy_constraint import token_pieces
+
 # Any JSON object, nothing else: `response_format: {"type": "json_object"}` in OpenAI's API.
 JSON_OBJECT_SCHEMA = {"type": "object"}
 
@@ -36,12 +38,9 @@ def _tokenizer_data(tokenizer):
 
     special = set(tokenizer.all_special_ids)
     ids = [i for i in range(len(tokenizer)) if i not in special]
-    # A token's text as it reads mid-sentence: decoded after a "0", which is then dropped (a
-    # tokenizer that strips a leading space when decoding a token alone keeps it there).
-    zero = tokenizer.encode("0", add_special_tokens=False)[-1]
-    after_zero = tokenizer.batch_decode([[zero, i] for i in ids])
+    pieces = token_pieces(tokenizer)  # as each token reads mid-sentence (shared with the copy constraint)
     alone = tokenizer.batch_decode([[i] for i in ids])
-    regular = [(i, text[1:], len(text) - 1 > len(bare)) for i, text, bare in zip(ids, after_zero, alone, strict=True)]
+    regular = [(i, pieces[i], len(pieces[i]) > len(bare)) for i, bare in zip(ids, alone, strict=True)]
     return TokenEnforcerTokenizerData(regular, lambda tokens: tokenizer.decode(tokens).rstrip("\ufffd"),
                                       tokenizer.eos_token_id, False, len(tokenizer))
 
