@@ -33,6 +33,13 @@ def _writes(source: str, answer: str) -> bool:
     ("two tandoori loaves", '{"item": "tandoori loaf"', True),  # "-ves" read as "-f"
     ("3 LARGE LATTES TO 19 HIGH STREET", '{"item": "latte", "deliver_to": "19 HIGH STREET"}', True),
     ("3 large lattes", '{"item": "LATTE"', False),  # capitals may be lowered, never raised
+    ("a small GREEN TEA", '{"item": "green tEA"', False),  # a word lowered all through, or not at all
+    ("5 HOT CHOCOLATES", '{"item": "hot cHOCOLATE"', False),
+    ("5 HOT CHOCOLATES", '{"item": "hot CHOCOLATE"', True),  # each word on its own
+    ("2 McFlurries", '{"item": "McFlurry"', True),  # a word's own mixed case, as written
+    ("2 McFlurries", '{"item": "mcflurry"', True),
+    ("2 McFlurries", '{"item": "Mcflurry"', False),
+    ("4 X-LARGE pies", '{"item": "x-LARGE pie"', True),  # a hyphen ends a word
     ("3 large lattes", '{"item": "latte", "quantity": 3, "size": "grande", "note": "x"}', True),  # other fields
     ("3 large lattes", '{"item": null, "deliver_to": null}', True),
     ("3 large lattes", '{"deliver_to": "5 Elm Street"', False),

@@ -116,3 +116,16 @@ def test_generation_is_deterministic_and_seeded():
     sizes = {"train": 20, "test": 5}
     assert orders.generate(sizes) == orders.generate(sizes)
     assert orders.generate(sizes) != orders.generate(sizes, seed=1)
+
+
+@pytest.mark.parametrize("split", ["train", "val", "frozen test"])
+def test_every_answer_copies_its_item_and_address_as_copy_decoding_allows(splits, split):
+    """make demo trains on copy-aligned targets and decodes with --copy-fields item,deliver_to: the
+    generator's labels must be values the constraint lets through (a word span of the message, in its
+    case or lowercased, singular by a plural's ending)."""
+    from lorakit.generation.copy_constraint import JsonFieldScan, SpanSource
+
+    for example in splits[split]:
+        message, answer = (m["content"] for m in example["messages"])
+        scan = JsonFieldScan(frozenset({"item", "deliver_to"}), SpanSource(message))
+        assert all(scan.feed(ch) for ch in answer), (message, answer)

@@ -29,6 +29,20 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
 def test_the_demo_recipe_is_valid():
     config = from_sources("configs/smollm2-orders.yaml", None)
     assert config.base == "smollm2" and config.lora_targets() == "all-linear"
+    assert config.copy_fields == ["item", "deliver_to"]  # the fields make demo's eval copies
+
+
+@pytest.mark.parametrize(("yaml_text", "flags"), [
+    ("copy_fields: [item, deliver_to]\n", []),
+    ("copy_fields: item,deliver_to\n", []),
+    ("", ["--copy-fields", "item,deliver_to"]),  # eval's spelling
+    ("", ["--copy-fields", "item", "deliver_to"]),
+])
+def test_copy_fields_read_as_a_list_or_as_eval_writes_them(tmp_path, yaml_text, flags):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml_text, encoding="utf-8")
+    assert from_sources(recipe, _args(*flags)).copy_fields == ["item", "deliver_to"]
+    assert TrainConfig().copy_fields == []
 
 
 @pytest.mark.parametrize(("yaml_text", "problem"), [
@@ -38,6 +52,7 @@ def test_the_demo_recipe_is_valid():
     ("dtype: int8\n", "dtype must be one of"),
     ("- a list\n", "expected a mapping"),
     ("lr: [\n", "not valid YAML"),
+    ("copy_fields: 3\n", "copy_fields must be JSON keys"),
 ])
 def test_bad_recipes_are_one_clear_error(tmp_path, yaml_text, problem):
     recipe = tmp_path / "r.yaml"

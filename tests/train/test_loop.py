@@ -39,6 +39,17 @@ def test_loss_falls_and_the_run_leaves_adapter_metrics_and_plot(tiny_base_dir, d
     assert all(r["target_tokens"] < r["tokens"] for r in records if "loss" in r)  # prompt tokens carry no loss
 
 
+def test_copy_fields_train_on_copy_aligned_targets(tiny_base_dir, data_dir, tmp_path):
+    """The same run with copy_fields reads the same answers cut at the prompt's token boundaries: more
+    target tokens (a value's pieces), the same text (data/copy_aligned.py)."""
+    plain = train(_config(tiny_base_dir, data_dir, tmp_path / "plain", max_steps=6, eval_every=0))
+    aligned = train(_config(tiny_base_dir, data_dir, tmp_path / "aligned", max_steps=6, eval_every=0,
+                            copy_fields=["item", "deliver_to"]))
+    assert plain.steps == aligned.steps == 6
+    targets = [sum(r["target_tokens"] for r in _metrics(tmp_path / run) if "loss" in r) for run in ("plain", "aligned")]
+    assert targets[1] > targets[0]
+
+
 def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_base_dir, data_dir, tmp_path):
     whole = train(_config(tiny_base_dir, data_dir, tmp_path / "whole"))
     stopped = train(_config(tiny_base_dir, data_dir, tmp_path / "split"), stop_after=3)

@@ -35,7 +35,9 @@ def register(commands) -> None:
                         "them (for a 4-bit QA-LoRA adapter the merge rounds the shifted mins to float16)")
     parser.add_argument("--exact-4bit", action="store_true", help=EXACT_4BIT_HELP)
     parser.add_argument("--json", action="store_true", help=JSON_HELP)
-    parser.add_argument("--copy-fields", type=field_names, default=frozenset(), metavar="KEYS", help=COPY_FIELDS_HELP)
+    parser.add_argument("--copy-fields", type=field_names, default=frozenset(), metavar="KEYS",
+                        help=COPY_FIELDS_HELP + " (the reference answers are then tokenized as such training reads "
+                        "them, for the loss)")
     parser.set_defaults(run=_eval)
 
 

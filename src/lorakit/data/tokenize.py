@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.data.copy_aligned import aligned_target_ids
 from lorakit.data.records import DataError, read_records
 
 IGNORE = -100  # the label of a position that carries no loss (PyTorch's cross_entropy default)
@@ -57,14 +58,19 @@ def spans(record: dict, tokenizer) -> list[tuple[str, bool]]:
     return out
 
 
-def tokenize_record(record: dict, tokenizer, max_length: int) -> tuple[TokenizedExample, bool]:
-    """(example, was_truncated). Examples longer than max_length keep their first max_length tokens."""
+def tokenize_record(record: dict, tokenizer, max_length: int,
+                    copy_fields: frozenset[str] = frozenset()) -> tuple[TokenizedExample, bool]:
+    """(example, was_truncated). Examples longer than max_length keep their first max_length tokens.
+    With ``copy_fields``, targets are copy-aligned (data/copy_aligned.py)."""
     if "messages" in record and not getattr(tokenizer, "chat_template", None):
         raise DataError("the tokenizer has no chat template; use prompt/completion records for this model")
     input_ids: list[int] = []
     labels: list[int] = []
     for text, is_target in spans(record, tokenizer):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if is_target and copy_fields:
+            ids = aligned_target_ids(text, input_ids, tokenizer, copy_fields)
+        else:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if is_target else [IGNORE] * len(ids)
     truncated = len(input_ids) > max_length
@@ -85,12 +91,13 @@ def reference_text(record: dict) -> str:
     return record["completion"]
 
 
-def tokenize_file(path: str | Path, tokenizer, max_length: int) -> list[TokenizedExample]:
+def tokenize_file(path: str | Path, tokenizer, max_length: int,
+                  copy_fields: frozenset[str] = frozenset()) -> list[TokenizedExample]:
     """Every record of a JSONL file, tokenized; warns once about truncated examples and drops those
     left with no target token (they would train nothing)."""
     examples, truncated, empty = [], 0, 0
     for record in read_records(path):
-        example, was_truncated = tokenize_record(record, tokenizer, max_length)
+        example, was_truncated = tokenize_record(record, tokenizer, max_length, copy_fields)
         truncated += was_truncated
         if all(label == IGNORE for label in example.labels[1:]):
             empty += 1

@@ -69,10 +69,11 @@ def score_model(model: nn.Module, tokenizer, records: list[dict], label: str, ba
     that cannot become one are cut short (the score is the same, decoding much faster); the answers
     of the ``shown`` rows are then decoded in full, for display. With ``json_object``, decoding is
     constrained to one JSON object (generation/json_constraint.py); with ``copy_fields``, those fields'
-    values are spans of the prompt (generation/copy_constraint.py)."""
+    values are spans of the prompt (generation/copy_constraint.py), and the references are tokenized
+    as training with the same copy_fields reads them (data/copy_aligned.py)."""
     references = [reference_text(r) for r in records]
     json_only = not json_object and all(_json_object(ref) is not None for ref in references)
-    examples = [tokenize_record(r, tokenizer, max_length=1 << 20)[0] for r in records]
+    examples = [tokenize_record(r, tokenizer, max_length=1 << 20, copy_fields=copy_fields)[0] for r in records]
     loss, starts = check_references(model, examples, batch_size, padding_id(tokenizer), tokenizer.eos_token_id,
                                     progress)
     if json_object:

@@ -4,8 +4,8 @@ An extraction answer such as {"item": ..., "deliver_to": ...} should only copy w
 says, but a small model spelling a noun it has never seen bends it towards one it knows ("cheese
 scones" -> "cheese sconce", "3 LARGE LATTES" -> "laser"). With copy fields, while an answer is
 inside the string value of one of those keys, a token is allowed only if the value stays a span of
-the prompt that starts at the first character of a word; a capital may be written in lowercase (an
-ALL-CAPS message may give a lowercase value), never the reverse. The string may close where a word
+the prompt that starts at the first character of a word; a word may be written in lowercase (an
+ALL-CAPS message may give a lowercase value), never raised, and never half and half ("tEA" for "TEA"). The string may close where a word
 of the prompt ends, or before the "s" that ends one (or the "es" after s, x, z, o, ch or sh), and a
 word ending in "ies" or "ves" may also end in "y" or "f": so "pasties" gives "pasty" or "pastie",
 "loaves" gives "loaf", "scones" gives "scone", never "scon".
@@ -40,28 +40,45 @@ def _singular(match: re.Match) -> str:
     return ending.upper() if match.group(2).isupper() else ending
 
 
+# How a span has copied the letters of the word it is in so far: no letter yet whose lowercase
+# differs, or such letters all as written, or all lowercased.
+_EITHER, _AS_WRITTEN, _LOWERED = 0, 1, 2
+
+
 class SpanSource:
     """The text values may copy from, in two readings: as written, and with every word that ends in
     "ies" or "ves" ending in "y" or "f"; a value is a span of either. A value's character matches the
-    source's or its lowercase form (an ALL-CAPS message may give a lowercase value, never the reverse)."""
+    source's or its lowercase form (an ALL-CAPS message may give a lowercase value, never the reverse),
+    the same way throughout a word. A live span is (reading, index of its next character, case so far)."""
 
     def __init__(self, text: str) -> None:
         self.readings = (text, _SINGULAR.sub(_singular, text))
         self.lowered = tuple("".join(ch.lower()[:1] for ch in reading) for reading in self.readings)
         # Where a value may begin: a word's first character (not a blank, not after a letter or digit).
-        self.starts = tuple((r, i) for r, reading in enumerate(self.readings) for i, ch in enumerate(reading)
+        self.starts = tuple((r, i, _EITHER) for r, reading in enumerate(self.readings) for i, ch in enumerate(reading)
                             if not ch.isspace() and (i == 0 or not reading[i - 1].isalnum()))
 
     def advance(self, live: tuple, text: str) -> tuple:
-        """The spans ``live`` (reading, index of the next character) that go on with ``text``."""
+        """The spans ``live`` that go on with ``text``."""
         for ch in text:
-            live = tuple((r, i + 1) for r, i in live if i < len(self.readings[r])
-                         and ch in (self.readings[r][i], self.lowered[r][i]))
+            live = tuple(span for span in (self._step(r, i, case, ch) for r, i, case in live) if span)
         return live
+
+    def _step(self, r: int, i: int, case: int, ch: str) -> tuple | None:
+        if i >= len(self.readings[r]):
+            return None
+        written, lowered = self.readings[r][i], self.lowered[r][i]
+        if ch == written == lowered:  # the same either way; a character outside words starts a new word
+            return (r, i + 1, case if ch.isalnum() else _EITHER)
+        if ch == written and case != _LOWERED:
+            return (r, i + 1, _AS_WRITTEN)
+        if ch == lowered and case != _AS_WRITTEN:
+            return (r, i + 1, _LOWERED)
+        return None
 
     def next_characters(self, live: tuple) -> set[str]:
         """The lowercase forms of the characters that can come next."""
-        return {self.lowered[r][i] for r, i in live if i < len(self.readings[r])}
+        return {self.lowered[r][i] for r, i, _ in live if i < len(self.readings[r])}
 
     def beyond_ascii_next(self, live: tuple) -> bool:
         """Whether a character beyond ASCII (one a byte-level token may hold only part of) can come next."""
@@ -70,7 +87,7 @@ class SpanSource:
     def may_end(self, live: tuple) -> bool:
         """Whether a value matching the spans ``live`` may end there: at a word's end, or before the
         plural ending of one."""
-        for r, i in live:
+        for r, i, _ in live:
             reading = self.readings[r]
             if i == len(reading) or not reading[i].isalnum() or _PLURAL_END.match(reading, i):
                 return True

@@ -75,6 +75,10 @@ class TrainConfig:
     min_lr_ratio: float = _doc("the cosine decay ends at lr x this", 0.1)
     max_grad_norm: float = _doc("clip the gradient's global norm to this (0: no clipping)", 1.0)
     max_length: int = _doc("longest example in tokens; longer ones are truncated (with a warning)", 512)
+    copy_fields: list[str] = field(default_factory=list, metadata={
+        "help": "JSON keys (e.g. item,deliver_to) whose string values the answers copy from the prompt: "
+                "such a value is tokenized where the prompt's tokens break it, so that copying the prompt "
+                "token by token stays on a path the model was trained on (pair with eval's --copy-fields)"})
     eval_every: int = _doc("validate every N steps (0: only at the end)", 50)
     save_every: int = _doc("checkpoint every N steps (0: only at the end)", 50)
     seed: int = _doc("seed for adapter init, data order and dropout", 0)
@@ -101,6 +105,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+        if not isinstance(self.copy_fields, (str, list)):
+            raise ConfigError("copy_fields must be JSON keys such as item,deliver_to")
+        names = [self.copy_fields] if isinstance(self.copy_fields, str) else self.copy_fields
+        self.copy_fields = [key.strip() for name in names for key in str(name).split(",") if key.strip()]
         if not isinstance(self.target_modules, list) or not self.target_modules:
             raise ConfigError("target_modules must be 'all-linear' or a list of module names")
         # The LoRA settings are a LoraConfig's, checked by it: one set of rules for r, alpha, dropout

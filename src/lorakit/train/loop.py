@@ -89,8 +89,9 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
 
     model, tokenizer = load_base(config.base, getattr(torch, config.dtype), config.quant_spec())
     pad_id = padding_id(tokenizer)
-    train_set = tokenize_file(config.train, tokenizer, config.max_length)
-    val_set = tokenize_file(config.val, tokenizer, config.max_length) if config.val else []
+    copy_fields = frozenset(config.copy_fields)
+    train_set = tokenize_file(config.train, tokenizer, config.max_length, copy_fields)
+    val_set = tokenize_file(config.val, tokenizer, config.max_length, copy_fields) if config.val else []
 
     method = method_named(config.method, config.lora)
     model = method.attach(model, config.method_settings())
