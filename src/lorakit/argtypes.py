@@ -25,11 +25,14 @@ JSON_HELP = ("constrain decoding so that every answer is one JSON object: a toke
 COPY_FIELDS_HELP = ("comma-separated JSON keys (e.g. item,deliver_to) whose string values must be spans of the prompt: "
                     "from the start of a word to the end of one (or before a plural's -s/-es; -ies/-ves may end "
                     "in -y/-f), a word's capitals possibly lowercased (all of them or none); stops a model from "
-                    "bending an unseen word it should copy. An adapter trained with the same copy_fields copies best")
+                    "bending an unseen word it should copy. Default: the fields the adapter was trained with (its "
+                    "decoding.json), if any; none: off")
 
 
 def field_names(text: str) -> frozenset[str]:
-    """A --copy-fields value: JSON keys separated by commas."""
+    """A --copy-fields value: JSON keys separated by commas, or none (no field copied)."""
+    if text.strip().lower() == "none":
+        return frozenset()
     names = [name.strip() for name in text.split(",")]
     if not all(names):
         raise argparse.ArgumentTypeError(f"{text!r}: give JSON keys separated by commas, e.g. item,deliver_to")

@@ -1,9 +1,12 @@
 """`lorakit eval` and `lorakit generate` on a tiny trained adapter."""
 
+import shutil
+
 import pytest
 
 from lorakit.cli import main
 from lorakit.evaluation.evaluate import matches
+from lorakit.files.decoding import DECODING_FILE, write_copy_fields
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import train
 from tasks import orders
@@ -44,6 +47,21 @@ def test_eval_and_generate_copy_fields_from_the_message(trained, tiny_base_dir, 
     with pytest.raises(SystemExit) as done:
         main(["eval", "--copy-fields", "item,,size"])
     assert done.value.code == 2 and "give JSON keys separated by commas" in capsys.readouterr().err
+
+
+def test_generate_copies_the_fields_the_adapter_was_trained_with_unless_told_otherwise(trained, tiny_base_dir,
+                                                                                      tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained / "adapter", adapter)
+    write_copy_fields(adapter, ["item", "deliver_to"])
+    command = ["generate", "--adapter", str(adapter), "--base", str(tiny_base_dir), "--max-new-tokens", "4"]
+    assert main([*command, "one pizza"]) == 0
+    assert "copying deliver_to,item from the message" in capsys.readouterr().err
+    assert main([*command, "--copy-fields", "none", "one pizza"]) == 0
+    assert "copying" not in capsys.readouterr().err
+    (adapter / DECODING_FILE).write_text("{", encoding="utf-8")  # a damaged record: one line, no traceback
+    assert main([*command, "one pizza"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {adapter / DECODING_FILE}: unreadable")
 
 
 def test_bad_generation_settings_are_one_line(tiny_base_dir, capsys):

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.errors import ConfigError
+from lorakit.files.decoding import DECODING_FILE, recorded_copy_fields
 from lorakit.train.checkpoint import CheckpointError, latest_checkpoint
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import lr_factor, train
@@ -48,6 +49,9 @@ def test_copy_fields_train_on_copy_aligned_targets(tiny_base_dir, data_dir, tmp_
     assert plain.steps == aligned.steps == 6
     targets = [sum(r["target_tokens"] for r in _metrics(tmp_path / run) if "loss" in r) for run in ("plain", "aligned")]
     assert targets[1] > targets[0]
+    # recorded beside the adapter, so that eval and generate copy the same fields
+    assert recorded_copy_fields(tmp_path / "aligned") == {"item", "deliver_to"}
+    assert not (tmp_path / "plain" / DECODING_FILE).exists()
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_base_dir, data_dir, tmp_path):

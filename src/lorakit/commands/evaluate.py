@@ -35,7 +35,7 @@ def register(commands) -> None:
                         "them (for a 4-bit QA-LoRA adapter the merge rounds the shifted mins to float16)")
     parser.add_argument("--exact-4bit", action="store_true", help=EXACT_4BIT_HELP)
     parser.add_argument("--json", action="store_true", help=JSON_HELP)
-    parser.add_argument("--copy-fields", type=field_names, default=frozenset(), metavar="KEYS",
+    parser.add_argument("--copy-fields", type=field_names, metavar="KEYS",
                         help=COPY_FIELDS_HELP + " (the reference answers are then tokenized as such training reads "
                         "them, for the loss)")
     parser.set_defaults(run=_eval)
@@ -50,6 +50,7 @@ def _eval(args: argparse.Namespace) -> int:
         score_model,
     )
     from lorakit.evaluation.images import is_image_data
+    from lorakit.files.decoding import copy_fields_to_use
     from lorakit.methods.method import method_of_directory
     from lorakit.models.base import load_for_inference
 
@@ -57,6 +58,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError("--limit and --batch-size must be at least 1")
     if is_image_data(str(args.data)):
         return _eval_images(args)
+    args.copy_fields = copy_fields_to_use(args.copy_fields, args.adapter)
     model, tokenizer = load_for_inference(args.base, args.adapter, exact_4bit=args.exact_4bit)
     whole_model = args.adapter is not None and method_of_directory(args.adapter).name == "full"
     if args.adapter is None or whole_model:  # a fully fine-tuned model has no base inside it to compare with

@@ -46,14 +46,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling threshold (with --temperature)")
     parser.add_argument("--exact-4bit", action="store_true", help=EXACT_4BIT_HELP)
     parser.add_argument("--json", action="store_true", help=JSON_HELP)
-    parser.add_argument("--copy-fields", type=field_names, default=frozenset(), metavar="KEYS", help=COPY_FIELDS_HELP)
+    parser.add_argument("--copy-fields", type=field_names, metavar="KEYS", help=COPY_FIELDS_HELP)
 
 
 def _check(args: argparse.Namespace) -> None:
+    """Refuses bad settings and settles the copy fields (the flag's, or the adapter's recorded ones)."""
     from lorakit.errors import ConfigError
+    from lorakit.files.decoding import copy_fields_to_use
 
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--max-new-tokens must be >= 1, --temperature >= 0, and --top-p in (0, 1]")
+    args.copy_fields = copy_fields_to_use(args.copy_fields, args.adapter)
 
 
 def _generate(args: argparse.Namespace) -> int:

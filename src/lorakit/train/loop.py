@@ -23,6 +23,7 @@ from lorakit.core.layers.dropout import assign_layer_keys, row_key, set_row_keys
 from lorakit.data.batches import Batch, collate, epoch_batches
 from lorakit.data.tokenize import padding_id, tokenize_file
 from lorakit.errors import ConfigError
+from lorakit.files.decoding import write_copy_fields
 from lorakit.methods.method import method_named
 from lorakit.models.base import load_base
 from lorakit.train import distributed
@@ -197,6 +198,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
     if world.is_main:
         if adapter is not None:
             method.save(model, output, tensors=adapter, tokenizer=tokenizer)
+            write_copy_fields(output, config.copy_fields)  # so that eval and generate copy them too
         plot_losses(output / METRICS_FILE, output / PLOT_FILE)
     return TrainResult(output, end, total_steps, losses, val_loss)
 
