@@ -50,13 +50,17 @@ def test_a_time_budget_gives_each_method_the_steps_that_fit_in_it(tiny_base_dir,
 
 
 def test_loras_variants_compare_as_methods_of_their_own(tiny_base_dir, tmp_path, capsys):
-    recipe = write_orders_recipe(tmp_path, tiny_base_dir, "recipe.yaml", eval_every=0, save_every=0)
+    recipe = write_orders_recipe(tmp_path, tiny_base_dir, "recipe.yaml", eval_every=0, save_every=0,
+                                 copy_fields="[item, deliver_to]")
     output = tmp_path / "compare"
     assert main(["compare", "--config", str(recipe), "--methods", "dora,pissa", "--test",
                  str(tmp_path / "val.jsonl"), "--max-steps", "2", "--limit", "2", "--output", str(output),
                  "--no-progress"]) == 0
     rows = [line for line in (output / "compare.md").read_text().splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[0] for row in rows] == ["| DoRA", "| PiSSA"]
+    # the recipe's copy fields: every method trains on copy-aligned targets and is scored copying them
+    assert "answers copy deliver_to, item from the message" in (output / "compare.md").read_text()
+    assert all((output / m / "decoding.json").is_file() for m in ("dora", "pissa"))
     results = {m: json.loads((output / m / "compare.json").read_text()) for m in ("dora", "pissa")}
     assert results["dora"]["trainable"] > results["pissa"]["trainable"]  # LoRA's A and B, and DoRA's m
     assert lorakit.read_adapter_config(output / "dora").use_dora

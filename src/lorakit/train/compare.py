@@ -100,7 +100,9 @@ def compare(recipe: Path, methods: list[str], output: Path, test: Path, max_step
     output.mkdir(parents=True, exist_ok=True)
     base, tokenizer = load_for_inference(config.base, None)
     probe = _probe(tokenizer, base)
-    base_score = score_model(base, tokenizer, records, "base model", config.batch_size, progress)
+    copy_fields = frozenset(config.copy_fields)  # decoded as the recipe trains them (data/copy_aligned.py)
+    base_score = score_model(base, tokenizer, records, "base model", config.batch_size, progress,
+                             copy_fields=copy_fields)
     del base
     bar = _bar(len(methods), progress)
     results = []
@@ -117,7 +119,7 @@ def compare(recipe: Path, methods: list[str], output: Path, test: Path, max_step
             training = _train(method, recipe, TrainConfig(**{**config.to_dict(), "max_steps": steps}), output / method,
                               budget, progress)
         results.append(_score(method, config.base, output / method, training, records, probe, tokenizer,
-                              config.batch_size, progress))
+                              config.batch_size, progress, copy_fields))
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -125,7 +127,7 @@ def compare(recipe: Path, methods: list[str], output: Path, test: Path, max_step
     settings = {"base": config.base, "train": config.train, "test": str(test), "budget_min": budget_min,
                 "steps": None if budget_min else config.max_steps,
                 "batch_size": config.batch_size, "grad_accum": config.grad_accum, "max_length": config.max_length,
-                "lr": config.lr}
+                "lr": config.lr, "copy_fields": sorted(copy_fields)}
     return Comparison(results, base_score.exact_match, len(records), settings)
 
 
@@ -147,13 +149,13 @@ def _train(method: str, recipe: Path, config: TrainConfig, directory: Path, budg
 
 
 def _score(method: str, base: str, directory: Path, training: dict, records: list[dict], probe: torch.Tensor,
-           tokenizer, batch_size: int, progress: bool) -> MethodResult:
+           tokenizer, batch_size: int, progress: bool, copy_fields: frozenset[str]) -> MethodResult:
     model, _ = load_for_inference(None if method == "full" else base, directory)
     trained = method_of_directory(directory)
     trainable = sum(p.numel() for p in (model.parameters() if method == "full" else trained.slots(model).values()))
     if method in ("pissa", "olora"):  # its file holds the initial A0 and B0 beside the trained A and B
         trainable //= 2
-    score = score_model(model, tokenizer, records, method, batch_size, progress)
+    score = score_model(model, tokenizer, records, method, batch_size, progress, copy_fields=copy_fields)
     merged_model = None
     if trained.mergeable and method != "full":  # a merged copy, timed beside the base and the unmerged model
         merged_model = copy.deepcopy(model)

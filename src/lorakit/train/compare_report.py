@@ -16,7 +16,9 @@ def markdown(comparison: Comparison) -> str:
     budget = (f"{s['budget_min']:g} minutes of training steps" if s["budget_min"] else f"{s['steps']} steps")
     lines = [(f"Base model exact match: {100 * comparison.base_exact_match:.1f}% on {comparison.examples} examples of "
              f"{s['test']}; every method: {budget} of {s['batch_size']}x{s['grad_accum']} examples of "
-             f"{s['train']} on {s['base']}; LoRA and its variants at learning rate {s.get('lr', 0):g}."), "",
+             f"{s['train']} on {s['base']}; LoRA and its variants at learning rate {s.get('lr', 0):g}"
+             + (f"; answers copy {', '.join(s['copy_fields'])} from the message (copy-aligned targets, copy "
+                "decoding)." if s.get("copy_fields") else ".")), "",
              ("| method | exact match | test loss | val loss | steps | training | trainable parameters | stored | step time | "
              "peak memory (training) | forward, unmerged | merged | served by `lorakit serve` |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
