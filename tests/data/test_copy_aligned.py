@@ -76,3 +76,38 @@ def test_an_answer_that_is_not_json_is_tokenized_plainly(smol_tokenizer):
     for target in ("spicy scone", '{"item": "spicy scone"', "[1, 2]"):
         assert aligned_target_ids(target, prompt_ids, smol_tokenizer, FIELDS) == \
             smol_tokenizer(target, add_special_tokens=False)["input_ids"]
+
+
+def test_a_tokenizer_that_spaces_every_piece_keeps_plain_tokens_and_says_so(tmp_path):
+    """SentencePiece-style tokenizers put a space marker before any text tokenized alone: cutting a
+    value into pieces would change its text, so the answer keeps its plain tokens, with a warning."""
+    import warnings
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorakit.data.copy_aligned import pieces_keep_their_text
+    from lorakit.data.tokenize import tokenize_file
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer, core.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    text = ["eleven spicy scones please", "one spicy scone", '{"item": "spicy scone"}'] * 20
+    core.train_from_iterator(text, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<unk>")
+    assert not pieces_keep_their_text(tokenizer)
+    prompt_ids = tokenizer("eleven spicy scones please", add_special_tokens=False)["input_ids"]
+    target = '{"item": "spicy scone"}'
+    assert aligned_target_ids(target, prompt_ids, tokenizer, FIELDS) == \
+        tokenizer(target, add_special_tokens=False)["input_ids"]
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "eleven spicy scones please", "completion": target}) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokenize_file(data, tokenizer, 64, FIELDS)
+    assert any("keep their plain tokens" in str(w.message) for w in caught)
+
+
+def test_the_byte_level_tokenizer_keeps_the_text_of_pieces(smol_tokenizer):
+    from lorakit.data.copy_aligned import pieces_keep_their_text
+
+    assert pieces_keep_their_text(smol_tokenizer)

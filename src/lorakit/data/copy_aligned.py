@@ -20,26 +20,53 @@ import re
 
 def aligned_target_ids(target: str, prompt_ids: list[int], tokenizer, fields: frozenset[str]) -> list[int]:
     """The token ids of ``target`` (an answer that follows ``prompt_ids``), with the values of
-    ``fields`` cut where the prompt's tokens cut the span they copy."""
-    prompt_pieces = [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in prompt_ids]
-    prompt = "".join(prompt_pieces)
-    if prompt != tokenizer.decode(prompt_ids, clean_up_tokenization_spaces=False):  # a character split over tokens: no boundaries to read
-        return _ids(tokenizer, target)
-    boundaries, at = set(), 0
-    for piece in prompt_pieces:
-        boundaries.add(at)
-        at += len(piece)
+    ``fields`` cut where the prompt's tokens cut the span they copy. The plain ids where that would
+    not spell the same text (a tokenizer that puts a space before any text it tokenizes alone)."""
+    plain = _ids(tokenizer, target)
+    read = _prompt_and_token_starts(prompt_ids, tokenizer)
+    if read is None:
+        return plain
+    prompt, starts = read
     ids, done = [], 0
     for start, end in _value_ranges(target, fields):
         copied_at = _span_start(prompt, target[start:end])
         if copied_at is None:
             continue
-        cuts = [start] + [start + b - copied_at for b in sorted(boundaries) if copied_at < b < copied_at + end - start]
+        cuts = [start] + [start + b - copied_at for b in starts if copied_at < b < copied_at + end - start]
         ids += _ids(tokenizer, target[done:start])
         for a, b in zip(cuts, [*cuts[1:], end]):
             ids += _ids(tokenizer, target[a:b])
         done = end
-    return ids + _ids(tokenizer, target[done:])
+    ids += _ids(tokenizer, target[done:])
+    return ids if _text(tokenizer, ids) == _text(tokenizer, plain) else plain
+
+
+def pieces_keep_their_text(tokenizer) -> bool:
+    """Whether pieces tokenized one by one spell their text run together (byte-level BPE: yes; a
+    SentencePiece tokenizer that puts a space before any text: no, and values keep plain tokens)."""
+    return _text(tokenizer, _ids(tokenizer, "sc") + _ids(tokenizer, "one")) == "scone"
+
+
+def _text(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+
+def _prompt_and_token_starts(prompt_ids: list[int], tokenizer) -> tuple[str, list[int]] | None:
+    """The prompt's text and where each of its tokens starts in it; None where the text cannot be
+    cut between tokens (a character split over two)."""
+    prompt = _text(tokenizer, prompt_ids)
+    pieces = [_text(tokenizer, [i]) for i in prompt_ids]
+    if "".join(pieces) == prompt:  # each token spells its own piece (byte-level BPE): add up the lengths
+        starts, at = [], 0
+        for piece in pieces:
+            starts.append(at)
+            at += len(piece)
+        return prompt, starts
+    # Tokens whose text depends on their neighbours (SentencePiece's leading space): decode each prefix.
+    heads = tokenizer.batch_decode([prompt_ids[:k] for k in range(len(prompt_ids))], clean_up_tokenization_spaces=False)
+    if not all(prompt.startswith(head) for head in heads):
+        return None
+    return prompt, [len(head) for head in heads]
 
 
 def _ids(tokenizer, text: str) -> list[int]:

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.data.copy_aligned import aligned_target_ids
+from lorakit.data.copy_aligned import aligned_target_ids, pieces_keep_their_text
 from lorakit.data.records import DataError, read_records
 
 IGNORE = -100  # the label of a position that carries no loss (PyTorch's cross_entropy default)
@@ -95,6 +95,9 @@ def tokenize_file(path: str | Path, tokenizer, max_length: int,
                   copy_fields: frozenset[str] = frozenset()) -> list[TokenizedExample]:
     """Every record of a JSONL file, tokenized; warns once about truncated examples and drops those
     left with no target token (they would train nothing)."""
+    if copy_fields and not pieces_keep_their_text(tokenizer):
+        warnings.warn(f"copy_fields: this tokenizer puts a space before every piece it tokenizes alone, so the "
+                      f"answers of {path} keep their plain tokens (data/copy_aligned.py)", stacklevel=2)
     examples, truncated, empty = [], 0, 0
     for record in read_records(path):
         example, was_truncated = tokenize_record(record, tokenizer, max_length, copy_fields)
