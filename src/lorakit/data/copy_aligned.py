@@ -9,7 +9,8 @@ at a word, capitals possibly lowercased, as copy-constrained decoding allows) is
 prompt's token boundaries and each piece tokenized on its own: "spicy scone" from " spicy scones"
 becomes "sp" "icy" " s" "con" "e". The answer's text is unchanged; only where its tokens break.
 Values that are not spans of the prompt, or that JSON writes with escapes, keep the plain
-tokenization.
+tokenization, and so does an answer whose text the pieces would change (a SentencePiece tokenizer
+puts a space before any text it tokenizes alone).
 """
 
 from __future__ import annotations

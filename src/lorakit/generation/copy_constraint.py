@@ -5,10 +5,11 @@ says, but a small model spelling a noun it has never seen bends it towards one i
 scones" -> "cheese sconce", "3 LARGE LATTES" -> "laser"). With copy fields, while an answer is
 inside the string value of one of those keys, a token is allowed only if the value stays a span of
 the prompt that starts at the first character of a word; a word may be written in lowercase (an
-ALL-CAPS message may give a lowercase value), never raised, and never half and half ("tEA" for "TEA"). The string may close where a word
-of the prompt ends, or before the "s" that ends one (or the "es" after s, x, z, o, ch or sh), and a
-word ending in "ies" or "ves" may also end in "y" or "f": so "pasties" gives "pasty" or "pastie",
-"loaves" gives "loaf", "scones" gives "scone", never "scon".
+ALL-CAPS message may give a lowercase value), never raised, and never half and half ("tEA" for
+"TEA"). The string may close where a word of the prompt ends, or before the "s" that ends one (or
+the "es" after s, x, z, o, ch or sh), and a word ending in "ies" or "ves" may also end in "y" or
+"f": so "pasties" gives "pasty" or "pastie", "loaves" gives "loaf", "scones" gives "scone", never
+"scon".
 Keys, other fields, numbers and null are left alone, and so is an answer that is not JSON.
 
 Greedy decoding under the constraint is plain greedy decoding up to the first token the constraint
@@ -65,6 +66,7 @@ class SpanSource:
         return live
 
     def _step(self, r: int, i: int, case: int, ch: str) -> tuple | None:
+        """The span (r, i, case) after ``ch``, or None if ``ch`` cannot come next in it."""
         if i >= len(self.readings[r]):
             return None
         written, lowered = self.readings[r][i], self.lowered[r][i]
