@@ -78,7 +78,8 @@ class TrainConfig:
     copy_fields: list[str] = field(default_factory=list, metadata={
         "help": "JSON keys (e.g. item,deliver_to) whose string values the answers copy from the prompt: "
                 "such a value is tokenized where the prompt's tokens break it, so that copying the prompt "
-                "token by token stays on a path the model was trained on (pair with eval's --copy-fields)"})
+                "token by token stays on a path the model was trained on; recorded beside the adapter "
+                "(decoding.json), so that eval, generate and chat copy them too"})
     eval_every: int = _doc("validate every N steps (0: only at the end)", 50)
     save_every: int = _doc("checkpoint every N steps (0: only at the end)", 50)
     seed: int = _doc("seed for adapter init, data order and dropout", 0)
@@ -251,4 +252,4 @@ def from_sources(yaml_path: str | Path | None, args: argparse.Namespace | None,
 
 
 def _show(value: Any) -> str:
-    return " ".join(value) if isinstance(value, list) else str(value)
+    return (" ".join(value) or "none") if isinstance(value, list) else str(value)
