@@ -43,6 +43,7 @@ def test_copy_fields_read_as_a_list_or_as_eval_writes_them(tmp_path, yaml_text, 
     recipe.write_text(yaml_text, encoding="utf-8")
     assert from_sources(recipe, _args(*flags)).copy_fields == ["item", "deliver_to"]
     assert TrainConfig().copy_fields == []
+    assert from_sources(recipe, _args("--copy-fields", "none")).copy_fields == []  # off, as in eval
 
 
 @pytest.mark.parametrize(("yaml_text", "problem"), [
