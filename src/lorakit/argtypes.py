@@ -29,11 +29,14 @@ COPY_FIELDS_HELP = ("comma-separated JSON keys (e.g. item,deliver_to) whose stri
                     "decoding.json), if any; none: off")
 
 
+def split_keys(text: str) -> list[str]:
+    """JSON keys separated by commas, each stripped (a blank one left as ""), or none: no key."""
+    return [] if text.strip().lower() == "none" else [name.strip() for name in text.split(",")]
+
+
 def field_names(text: str) -> frozenset[str]:
     """A --copy-fields value: JSON keys separated by commas, or none (no field copied)."""
-    if text.strip().lower() == "none":
-        return frozenset()
-    names = [name.strip() for name in text.split(",")]
+    names = split_keys(text)
     if not all(names):
         raise argparse.ArgumentTypeError(f"{text!r}: give JSON keys separated by commas, e.g. item,deliver_to")
     return frozenset(names)

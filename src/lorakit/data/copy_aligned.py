@@ -56,7 +56,7 @@ def _prompt_and_token_starts(prompt_ids: list[int], tokenizer) -> tuple[str, lis
     """The prompt's text and where each of its tokens starts in it; None where the text cannot be
     cut between tokens (a character split over two)."""
     prompt = _text(tokenizer, prompt_ids)
-    pieces = [_text(tokenizer, [i]) for i in prompt_ids]
+    pieces = tokenizer.batch_decode([[i] for i in prompt_ids], clean_up_tokenization_spaces=False)
     if "".join(pieces) == prompt:  # each token spells its own piece (byte-level BPE): add up the lengths
         starts, at = [], 0
         for piece in pieces:

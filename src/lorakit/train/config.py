@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lorakit.argtypes import finite_float
+from lorakit.argtypes import finite_float, split_keys
 from lorakit.core.checks import check_int, check_number
 from lorakit.core.config import LoraConfig
 from lorakit.errors import ConfigError
@@ -109,9 +109,7 @@ class TrainConfig:
         if not isinstance(self.copy_fields, (str, list)):
             raise ConfigError("copy_fields must be JSON keys such as item,deliver_to")
         names = [self.copy_fields] if isinstance(self.copy_fields, str) else self.copy_fields
-        self.copy_fields = [key.strip() for name in names for key in str(name).split(",") if key.strip()]
-        if [key.lower() for key in self.copy_fields] == ["none"]:  # as eval's --copy-fields none: off
-            self.copy_fields = []
+        self.copy_fields = [key for key in split_keys(",".join(map(str, names))) if key]  # none: off, as in eval
         if not isinstance(self.target_modules, list) or not self.target_modules:
             raise ConfigError("target_modules must be 'all-linear' or a list of module names")
         # The LoRA settings are a LoraConfig's, checked by it: one set of rules for r, alpha, dropout
