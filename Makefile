@@ -28,8 +28,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	@start=$$(date +%s); \
 	$(VENV)/bin/lorakit train --config configs/smollm2-orders.yaml --overwrite && \
-	$(VENV)/bin/lorakit eval --adapter out/orders --data data/orders/test.jsonl --copy-fields item,deliver_to && \
-	$(VENV)/bin/lorakit eval --adapter out/orders --data data/orders/real.jsonl --no-base --copy-fields item,deliver_to && \
+	$(VENV)/bin/lorakit eval --adapter out/orders --data data/orders/test.jsonl --copy-fields item,deliver_to --compute-dtype auto && \
+	$(VENV)/bin/lorakit eval --adapter out/orders --data data/orders/real.jsonl --no-base --copy-fields item,deliver_to --compute-dtype auto && \
 	elapsed=$$(( $$(date +%s) - start )) && \
 	echo "demo: training + evaluation took $$((elapsed / 60)) min $$((elapsed % 60)) s"
 

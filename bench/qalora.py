@@ -75,7 +75,7 @@ def train_worker(variant: str, args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step(batch) -> None:
-        with compute():
+        with compute(batch.input_ids.shape[1]):
             loss = loss_sum(model, batch) / batch.loss_tokens
         loss.backward()
         opt.step()

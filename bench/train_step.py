@@ -3,8 +3,8 @@
 Same model (the embedded SmolLM2 weights), same batches (orders training examples in SmolLM2's
 chat template, loss on the assistant tokens only, length-bucketed batches of --batch), same LoRA
 settings (r=16, alpha=32, all linear layers), same AdamW. lorakit's step is `lorakit train`'s:
-the output head only where a token carries loss, the prefix all rows share run once per batch.
-PEFT's is the standard one:
+the output head only where a token carries loss, the prefix all rows share run once per batch, and
+under bfloat16 on a CPU the plain attention kernel for short batches. PEFT's is the standard one:
 `model(input_ids, attention_mask, labels).loss`. Both minimise the same mean loss per target token.
 
 Steps are timed first, then peak memory is read over one more step (the longest batch). Each
@@ -83,7 +83,9 @@ def worker(library: str, args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step(batch) -> float:
-        with compute():
+        # lorakit train's context also picks the attention kernel by key length (train/precision.py);
+        # PEFT's documented mixed precision is autocast alone.
+        with compute(batch.input_ids.shape[1] if library.startswith("lorakit") else 0):
             loss = loss_of(batch)
         loss.backward()
         opt.step()

@@ -31,6 +31,20 @@ def test_eval_scores_base_and_adapter_side_by_side(trained, tiny_base_dir, capsy
     assert sum(line.startswith("    expected:") for line in out) == 2
 
 
+def test_eval_runs_its_products_in_the_compute_dtype_it_is_given(trained, tiny_base_dir, capsys):
+    command = ["eval", "--adapter", str(trained / "adapter"), "--base", str(tiny_base_dir), "--no-base",
+               "--data", str(trained / "test.jsonl"), "--examples", "0"]
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main([*command, "--compute-dtype", dtype]) == 0
+        out = capsys.readouterr().out.splitlines()
+        named = " (bfloat16 products)" if dtype == "bfloat16" else ""
+        assert out[0] == f"{trained / 'test.jsonl'}: 5 examples{named}"
+        losses[dtype] = float(out[2].split()[-1])
+    assert losses["bfloat16"] != losses["float32"]  # the products did run in bfloat16 ...
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)  # ... to within its rounding
+
+
 def test_generate_replies_with_the_adapter(trained, tiny_base_dir, capsys):
     assert main(["generate", "--adapter", str(trained / "adapter"), "--base", str(tiny_base_dir),
                  "--max-new-tokens", "4", "one pizza", "two pizzas"]) == 0

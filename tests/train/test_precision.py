@@ -6,6 +6,7 @@ import torch
 from lorakit.errors import ConfigError
 from lorakit.train.config import TrainConfig
 from lorakit.train.precision import (
+    PLAIN_ATTENTION_MAX_KEYS,
     compute_context,
     native_bfloat16,
     resolved_compute_dtype,
@@ -27,6 +28,20 @@ def test_the_forward_runs_its_products_in_the_compute_dtype_and_nothing_else_cha
     assert y.dtype == torch.bfloat16 and layer.weight.dtype == torch.float32
     with compute_context("float32", torch.device("cpu"))():
         assert layer(x).dtype == torch.float32
+
+
+def test_short_half_precision_batches_on_a_cpu_take_the_plain_attention_kernel():
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)  # (rows, heads, positions, head width)
+
+    def kernel(dtype: str, keys: int) -> str:
+        with compute_context(dtype, torch.device("cpu"))(keys):
+            out = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return type(out.grad_fn).__name__
+
+    assert "FlashAttention" not in kernel("bfloat16", 8)
+    assert "FlashAttention" in kernel("bfloat16", PLAIN_ATTENTION_MAX_KEYS + 1)  # long: the fused kernel
+    assert "FlashAttention" in kernel("bfloat16", 0)  # length unknown: left to PyTorch
+    assert "FlashAttention" in kernel("float32", 8)  # float32: fused is as fast at every length
 
 
 def test_an_unknown_compute_dtype_is_refused_by_name():

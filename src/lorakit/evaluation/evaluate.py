@@ -165,8 +165,12 @@ def compare_base_and_adapter(model: nn.Module, tokenizer, data: str | Path, limi
     return records, scores, shown
 
 
-def report(data: str | Path, records: list[dict], scores: list[Score], shown: list[int]) -> str:
-    lines = [f"{data}: {len(records)} examples", f"{'':<12}{'exact match':>18}{'loss':>10}"]
+def report(data: str | Path, records: list[dict], scores: list[Score], shown: list[int],
+           products: str = "float32") -> str:
+    """The scores as a table, the misses by field and the ``shown`` rows; ``products`` names the
+    dtype the matrix products ran in when it is not float32."""
+    header = f"{data}: {len(records)} examples" + (f" ({products} products)" if products != "float32" else "")
+    lines = [header, f"{'':<12}{'exact match':>18}{'loss':>10}"]
     for s in scores:
         lines.append(f"{s.label:<12}{sum(s.correct):>7}/{len(s.correct):<4}{100 * s.exact_match:>6.1f}%"
                      f"{s.loss:>10.4f}")

@@ -152,7 +152,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
         step_loss = 0.0
         for k, (_, batch, weight, keys) in enumerate(micro):
             set_row_keys(dropouts, keys)  # kept through backward: checkpointed layers recompute their masks
-            with compute():
+            with compute(batch.input_ids.shape[1]):
                 loss = loss_of(batch, k == config.grad_accum - 1) * weight / max(target_tokens, 1)
             loss.backward()
             step_loss += loss.item() / world.size  # loss_of scales by the number of processes
