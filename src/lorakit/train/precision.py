@@ -7,8 +7,9 @@ For a training step the same context picks the attention kernel of short half-pr
 a CPU: there PyTorch's fused (flash) attention, forward + backward, is slower than the plain one
 (scores, softmax, product: "math") in bfloat16 until the keys grow past ~170 positions (8 rows x 9
 heads x 64, torch 2.13: 7.3 against 3.2 ms at 76 keys, 25 against 31 ms at 256); in float32, or
-forward alone (evaluation), the fused kernel is as fast or faster. The plain kernel holds each
-layer's (rows, heads, queries, keys) scores for backward, a few MiB at these lengths."""
+forward alone (evaluation), the fused kernel is as fast or faster. The plain kernel keeps each
+layer's (rows, heads, queries, keys) float32 scores and probabilities for backward: 15.5 MiB for 8
+rows of 160 keys, against the fused kernel's 1.8 MiB."""
 
 from __future__ import annotations
 
