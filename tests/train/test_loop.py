@@ -102,6 +102,16 @@ def test_gradient_checkpointing_keeps_the_losses(tiny_base_dir, data_dir, tmp_pa
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
 
 
+def test_gradient_checkpointing_works_under_bfloat16_products(tiny_base_dir, data_dir, tmp_path):
+    # The recomputation in backward must take the forward's attention kernel (PyTorch checks that the
+    # recomputed tensors match), so checkpointed runs keep PyTorch's default kernel (train/precision.py).
+    plain = train(_config(tiny_base_dir, data_dir, tmp_path / "plain", max_steps=3, dropout=0.0,
+                          compute_dtype="bfloat16"))
+    checkpointed = train(_config(tiny_base_dir, data_dir, tmp_path / "gc", max_steps=3, dropout=0.0,
+                                 compute_dtype="bfloat16", gradient_checkpointing=True))
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=2e-2)
+
+
 def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tiny_base_dir, data_dir, tmp_path):
     plain = train(_config(tiny_base_dir, data_dir, tmp_path / "plain", max_steps=3, dropout=0.3))
     checkpointed = train(_config(tiny_base_dir, data_dir, tmp_path / "gc", max_steps=3, dropout=0.3,

@@ -42,9 +42,10 @@ def resolved_compute_dtype(name: str, device: torch.device) -> str:
 
 def compute_context(name: str, device: torch.device) -> Callable[..., contextlib.AbstractContextManager]:
     """A factory of the context a forward runs in, given the key length of its training batch (0:
-    not a training step, or unknown): autocast to the resolved compute dtype, and under half precision on a CPU the plain
-    attention kernel for batches of at most PLAIN_ATTENTION_MAX_KEYS positions; nothing for float32.
-    (Backward runs outside it, as autocast asks; the attention kernel is chosen in the forward.)"""
+    not a training step, or unknown): autocast to the resolved compute dtype and, under half
+    precision on a CPU, the plain attention kernel for batches of at most PLAIN_ATTENTION_MAX_KEYS
+    positions; nothing for float32. (Backward runs outside it, as autocast asks; the attention
+    kernel is chosen in the forward.)"""
     resolved = resolved_compute_dtype(name, device)
     if resolved == "float32":
         return lambda keys=0: contextlib.nullcontext()
@@ -52,9 +53,9 @@ def compute_context(name: str, device: torch.device) -> Callable[..., contextlib
 
     @contextlib.contextmanager
     def compute(keys: int = 0):
-        with torch.autocast(device.type, dtype=dtype), contextlib.ExitStack() as stack:
-            if device.type == "cpu" and 0 < keys <= PLAIN_ATTENTION_MAX_KEYS:
-                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        plain = device.type == "cpu" and 0 < keys <= PLAIN_ATTENTION_MAX_KEYS
+        with torch.autocast(device.type, dtype=dtype), \
+                (sdpa_kernel([SDPBackend.MATH]) if plain else contextlib.nullcontext()):
             yield
 
     return compute
