@@ -139,10 +139,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
     if config.progress and world.is_main:
         print(_summary(model, len(train_set), total_steps, config, device, world.size), file=sys.stderr)
     bar = progress_bar(config, total_steps, start) if world.is_main else None
-    compute = compute_context(config.compute_dtype, device)
-    # Checkpointed layers recompute their forward in backward, outside this context, with PyTorch's
-    # default attention kernel: choosing another for the first forward would only add its cost.
-    keys_of = (lambda batch: 0) if config.gradient_checkpointing else (lambda batch: batch.input_ids.shape[1])
+    compute = compute_context(config.compute_dtype, device, recomputes=config.gradient_checkpointing)
     losses: list[float] = []
     val_loss = None
     model.train()
@@ -155,7 +152,7 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
         step_loss = 0.0
         for k, (_, batch, weight, keys) in enumerate(micro):
             set_row_keys(dropouts, keys)  # kept through backward: checkpointed layers recompute their masks
-            with compute(keys_of(batch)):
+            with compute(batch.input_ids.shape[1]):
                 loss = loss_of(batch, k == config.grad_accum - 1) * weight / max(target_tokens, 1)
             loss.backward()
             step_loss += loss.item() / world.size  # loss_of scales by the number of processes

@@ -40,12 +40,15 @@ def resolved_compute_dtype(name: str, device: torch.device) -> str:
     return name
 
 
-def compute_context(name: str, device: torch.device) -> Callable[..., contextlib.AbstractContextManager]:
+def compute_context(name: str, device: torch.device,
+                    recomputes: bool = False) -> Callable[..., contextlib.AbstractContextManager]:
     """A factory of the context a forward runs in, given the key length of its training batch (0:
     not a training step, or unknown): autocast to the resolved compute dtype and, under half
     precision on a CPU, the plain attention kernel for batches of at most PLAIN_ATTENTION_MAX_KEYS
     positions; nothing for float32. (Backward runs outside it, as autocast asks; the attention
-    kernel is chosen in the forward.)"""
+    kernel is chosen in the forward.) With ``recomputes`` (gradient checkpointing) the kernel is
+    left to PyTorch: the recomputation in backward runs outside this context, with the default
+    kernel, and torch.utils.checkpoint refuses recomputed tensors that differ from the forward's."""
     resolved = resolved_compute_dtype(name, device)
     if resolved == "float32":
         return lambda keys=0: contextlib.nullcontext()
@@ -53,7 +56,7 @@ def compute_context(name: str, device: torch.device) -> Callable[..., contextlib
 
     @contextlib.contextmanager
     def compute(keys: int = 0):
-        plain = device.type == "cpu" and 0 < keys <= PLAIN_ATTENTION_MAX_KEYS
+        plain = device.type == "cpu" and not recomputes and 0 < keys <= PLAIN_ATTENTION_MAX_KEYS
         with torch.autocast(device.type, dtype=dtype), \
                 (sdpa_kernel([SDPBackend.MATH]) if plain else contextlib.nullcontext()):
             yield
