@@ -1,5 +1,9 @@
 """Mixed-precision training: the compute_dtype setting, checked, resolved and used."""
 
+import platform
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +11,7 @@ from lorakit.errors import ConfigError
 from lorakit.train.config import TrainConfig
 from lorakit.train.precision import (
     PLAIN_ATTENTION_MAX_KEYS,
+    X86_MACHINES,
     compute_context,
     native_bfloat16,
     resolved_compute_dtype,
@@ -18,6 +23,14 @@ def test_auto_is_bfloat16_only_where_the_device_has_it_natively():
     assert resolved_compute_dtype("auto", cpu) == ("bfloat16" if native_bfloat16(cpu) else "float32")
     assert resolved_compute_dtype("float16", cpu) == "float16"
     assert resolved_compute_dtype("auto", torch.device("meta")) == "float32"
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or platform.machine().lower() not in X86_MACHINES,
+                    reason="reads the x86 CPU flags Linux lists")
+def test_native_bfloat16_on_an_x86_cpu_means_avx512_bf16_or_amx_not_avx512_alone():
+    first = re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    flags = set(first.group(1).split())
+    assert native_bfloat16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def test_the_forward_runs_its_products_in_the_compute_dtype_and_nothing_else_changes():
