@@ -202,16 +202,31 @@ def test_a_request_that_is_never_finished_is_cut_off(strict_server):
     assert time.monotonic() - start < 6
 
 
-def test_connections_beyond_the_cap_are_turned_away_until_slow_ones_time_out(strict_server):
-    _, port = strict_server
-    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+@pytest.fixture(scope="module")
+def capped_server(tiny_base_dir, adapter_root):
+    """Four connections at most. The receive deadline (3 s) is the margin the test below has
+    between opening its slow connections and the server answering its next one: long enough that
+    a loaded CI machine does not close the slow ones first."""
+    connections = ConnectionLimits(max_connections=4, receive_timeout_s=3.0, keep_alive_s=1.0)
+    with running_server(tiny_base_dir, {"acme-orders": adapter_root / "acme-orders"}, connections=connections) \
+            as (_, port):
+        yield port
+
+
+def test_connections_beyond_the_cap_are_turned_away_until_slow_ones_time_out(capped_server):
+    slow = [socket.create_connection(("127.0.0.1", capped_server), timeout=15.0) for _ in range(4)]
     for sock in slow:
         sock.sendall(b"GET /hea")  # half a request each
-    time.sleep(0.2)
     try:
-        assert _status(_exchange(port, _get("/health"))) == 503
-        time.sleep(1.5)  # their receive deadline passes and they are closed
-        assert _status(_exchange(port, _get("/health"))) == 200
+        # The server accepts connections in the order they came, so the slow ones hold all four
+        # places by the time this one's request is read.
+        assert _status(_exchange(capped_server, _get("/health"))) == 503
+        for sock in slow:  # each is told 408 and closed when its receive deadline passes
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            assert _status(answer) == 408
+        assert _status(_exchange(capped_server, _get("/health"))) == 200
     finally:
         for sock in slow:
             sock.close()
