@@ -84,10 +84,20 @@ def _live_bytes() -> int:
     return info.uordblks + info.hblkhd
 
 
+def cpu_name() -> str:
+    """The CPU's model name as Linux reports it (bfloat16's speed, for one, depends on it), or the
+    architecture where /proc/cpuinfo has none."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def write_table(name: str, title: str, command: str, header: list[str], rows: list[list[str]], notes: str = "") -> Path:

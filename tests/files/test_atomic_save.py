@@ -18,29 +18,54 @@ from tests.conftest import randomize_adapters, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
-# Saves adapter B (same shapes as A, four times its scaling) over ``target``, killed (os._exit, as by
-# SIGKILL: nothing more runs) when its file-system step number ``limit`` comes (fsync or rename).
+# Saves adapter B (same shapes as A, four times its scaling) over a target directory, killed (os._exit,
+# as by SIGKILL: nothing more runs) when its file-system step number ``limit`` comes (fsync or rename).
+# One process imports torch and lorakit once and forks a child per save, asked for on stdin as
+# "LIMIT TARGET"; it answers each with the child's exit status and, when the save ran to its end, the
+# number of steps it took ("-" otherwise). A fresh interpreter per save cost 8 s of imports each.
 SAVE_B_AND_DIE = """
-import os, sys, torch
+import os, sys, traceback
+import torch
 import lorakit
 from tests.conftest import randomize_adapters, tiny_llama
-limit, target = int(sys.argv[1]), sys.argv[2]
-steps = 0
-def counted(real):
-    def step(*args, **kwargs):
-        global steps
-        steps += 1
-        if steps == limit:
-            os._exit(9)
-        return real(*args, **kwargs)
-    return step
-torch.manual_seed(0)
-model = tiny_llama()
-lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=32, target_modules=["q_proj", "v_proj"]))
-randomize_adapters(model, seed=1)
-os.fsync, os.replace = counted(os.fsync), counted(os.replace)
-lorakit.save_adapter(model, target)
-print(steps)
+
+def save_b(limit, target):
+    steps = 0
+    def counted(real):
+        def step(*args, **kwargs):
+            nonlocal steps
+            steps += 1
+            if steps == limit:
+                os._exit(9)
+            return real(*args, **kwargs)
+        return step
+    torch.manual_seed(0)
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=32, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model, seed=1)
+    os.fsync, os.replace = counted(os.fsync), counted(os.replace)
+    lorakit.save_adapter(model, target)
+    return steps
+
+tiny_llama()  # transformers' Llama imported here once, not in every child
+for request in sys.stdin:
+    limit, target = request.rstrip("\\n").split(" ", 1)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read)
+        try:
+            os.write(write, str(save_b(int(limit), target)).encode())
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as steps:
+        counted = steps.read().decode() or "-"
+    _, status = os.waitpid(child, 0)
+    print(os.waitstatus_to_exitcode(status), counted, flush=True)
 """
 
 
@@ -64,19 +89,29 @@ def test_a_save_killed_at_any_step_leaves_the_old_adapter_or_the_new_one(tmp_pat
     old, new = _logits(tmp_path / "a", tokens), _logits(tmp_path / "b", tokens)
     assert not torch.equal(old, new)
     outcomes = []
-    for limit in range(1, 40):
-        target = tmp_path / f"killed-at-{limit}"
-        shutil.copytree(tmp_path / "a", target)
-        run = subprocess.run([sys.executable, "-c", SAVE_B_AND_DIE, str(limit), str(target)], cwd=ROOT,
-                             capture_output=True, text=True, check=False)
-        logits = _logits(target, tokens)  # loads cleanly, whatever step it died at
-        outcomes.append("old" if torch.equal(logits, old) else "new" if torch.equal(logits, new) else "mixed")
-        if run.returncode == 0:  # the save ran to its end without reaching step ``limit``
-            assert outcomes[-1] == "new" and int(run.stdout) == limit - 1
-            break
-        assert run.returncode == 9, run.stderr
-    else:
-        raise AssertionError("the save never finished")
+    saver = subprocess.Popen([sys.executable, "-c", SAVE_B_AND_DIE], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        for limit in range(1, 40):
+            target = tmp_path / f"killed-at-{limit}"
+            shutil.copytree(tmp_path / "a", target)
+            saver.stdin.write(f"{limit} {target}\n")
+            saver.stdin.flush()
+            answer = saver.stdout.readline().split()
+            assert len(answer) == 2, "the saving process died (its error is above)"
+            status, steps = int(answer[0]), answer[1]
+            logits = _logits(target, tokens)  # loads cleanly, whatever step it died at
+            outcomes.append("old" if torch.equal(logits, old) else "new" if torch.equal(logits, new) else "mixed")
+            if status == 0:  # the save ran to its end without reaching step ``limit``
+                assert outcomes[-1] == "new" and int(steps) == limit - 1
+                break
+            assert status == 9, f"the save failed otherwise than killed (exit status {status})"
+        else:
+            raise AssertionError("the save never finished")
+    finally:
+        saver.stdin.close()
+        saver.wait(timeout=60)
+        saver.stdout.close()
     assert "mixed" not in outcomes, outcomes
     assert "old" in outcomes[:3] and outcomes.count("new") >= 2  # killed early: old; after the weights: new
 

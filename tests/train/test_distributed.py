@@ -118,11 +118,12 @@ def test_a_sharded_run_saves_a_whole_adapter_that_acts_as_the_replicated_ones(re
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_killed_two_process_run_resumes_with_the_same_losses(recipe, tmp_path, parallel):
-    # 30 steps: long enough that the kill lands well before the end, whatever the machine's speed.
-    whole = _torchrun(recipe, tmp_path / "whole", "--max-steps", "30", "--parallel", parallel)
+    # Killed once its second checkpoint is written (checked every 10 ms), with 10 of 12 steps to go:
+    # at least half a second of training even for DDP on a fast CPU, whose steps take 50 ms or more.
+    whole = _torchrun(recipe, tmp_path / "whole", "--max-steps", "12", "--parallel", parallel)
     _, err = whole.communicate(timeout=300)
     assert whole.returncode == 0, err
-    killed = _torchrun(recipe, tmp_path / "killed", "--max-steps", "30", "--parallel", parallel)
+    killed = _torchrun(recipe, tmp_path / "killed", "--max-steps", "12", "--parallel", parallel)
     latest = tmp_path / "killed" / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
     while not (latest.is_file() and latest.read_text().strip() >= "step-000002"):
@@ -138,7 +139,7 @@ def test_a_killed_two_process_run_resumes_with_the_same_losses(recipe, tmp_path,
     resumed = subprocess.run(resume, check=False, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert _losses(tmp_path / "killed") == pytest.approx(_losses(tmp_path / "whole"), rel=1e-6)
-    assert json.loads((tmp_path / "killed" / "checkpoints" / "step-000030" / "state.json").read_text())[
+    assert json.loads((tmp_path / "killed" / "checkpoints" / "step-000012" / "state.json").read_text())[
         "config"]["parallel"] == parallel  # resumed as it was run
 
 
