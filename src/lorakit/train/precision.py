@@ -34,8 +34,8 @@ def native_bfloat16(device: torch.device) -> bool:
         return False
     if platform.machine().lower() in X86_MACHINES:
         # oneDNN's own test (mkldnn._is_mkldnn_bf16_supported) passes on any AVX-512 CPU, where it
-        # emulates bfloat16: on an Intel Xeon without AVX512-BF16 a 1024^3 bfloat16 product ran
-        # at 57 GF/s against float32's 138. Only these two instruction sets multiply it natively.
+        # emulates bfloat16: on an Intel Xeon without AVX512-BF16 a training step took 2.9x
+        # float32's time (bench/bf16_cpu.py). Only these two instruction sets multiply it natively.
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     # Arm: oneDNN's test is the CPU's BF16 extension itself.
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
