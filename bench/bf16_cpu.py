@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.common import write_table
+from bench.common import cpuinfo, write_table
 
 DTYPES = ("float32", "bfloat16")
 
@@ -45,10 +45,8 @@ def matmul_gflops(dtype: torch.dtype, size: int, repeats: int = 20) -> float:
 
 def cpu_flags() -> str:
     """The x86 flags that decide bfloat16's speed, as the kernel reports them (empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next(line for line in info if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+    flags = (cpuinfo("flags") or "").split()
+    if not flags:
         return ""
     wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     return " ".join(f"{flag}={'yes' if flag in flags else 'no'}" for flag in wanted)

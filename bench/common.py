@@ -84,14 +84,18 @@ def _live_bytes() -> int:
     return info.uordblks + info.hblkhd
 
 
-def cpu_name() -> str:
-    """The CPU's model name as Linux reports it (bfloat16's speed, for one, depends on it), or the
-    architecture where /proc/cpuinfo has none."""
+def cpuinfo(field: str) -> str | None:
+    """The value of ``field`` ("model name", "flags") in Linux's /proc/cpuinfo, or None without one."""
     try:
         with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith(field)), None)
+    except OSError:
+        return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (bfloat16's speed, for one, depends on it), or the architecture."""
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def machine() -> str:
