@@ -59,6 +59,7 @@ def train_worker(variant: str, args: argparse.Namespace) -> dict:
     import lorakit
     from lorakit.data.batches import collate, epoch_batches
     from lorakit.data.tokenize import tokenize_file
+    from lorakit.models.autocast_weights import frozen_weights_in
     from lorakit.train.loss import loss_sum
     from lorakit.train.precision import compute_context
 
@@ -81,18 +82,22 @@ def train_worker(variant: str, args: argparse.Namespace) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step(batches[0])  # warm-up, untimed: also creates AdamW's state
-    times = []
-    for batch in batches[1:]:
-        _sync(device)
-        start = time.perf_counter()
-        step(batch)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    with PeakMemory(device) as memory:
-        step(max(batches[1:], key=lambda b: b.input_ids.numel()))
+    # As lorakit train runs: frozen float32 Linear weights held in the compute dtype (LoRA's base; the
+    # 4-bit layers are not nn.Linear), the copies counted in the peak memory.
+    with frozen_weights_in(model, getattr(torch, args.compute_dtype)) as held_bytes:
+        step(batches[0])  # warm-up, untimed: also creates AdamW's state
+        times = []
+        for batch in batches[1:]:
+            _sync(device)
+            start = time.perf_counter()
+            step(batch)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        with PeakMemory(device) as memory:
+            step(max(batches[1:], key=lambda b: b.input_ids.numel()))
     tokens = sum(int(b.attention_mask.sum()) for b in batches[1:])
-    return {"times": times, "peak": memory.peak, "tokens": tokens, "trainable": sum(p.numel() for p in params)}
+    return {"times": times, "peak": memory.peak + held_bytes, "tokens": tokens,
+            "trainable": sum(p.numel() for p in params)}
 
 
 def _sync(device: torch.device) -> None:

@@ -45,6 +45,7 @@ DATA = ROOT / "data" / "orders" / "train.jsonl"
 def worker(library: str, args: argparse.Namespace) -> dict:
     from lorakit.data.batches import collate, epoch_batches
     from lorakit.data.tokenize import tokenize_file
+    from lorakit.models.autocast_weights import frozen_weights_in
     from lorakit.models.base import load_base
     from lorakit.train.precision import compute_context
 
@@ -92,22 +93,27 @@ def worker(library: str, args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    times = []
-    first_loss = step(batches[0])  # warm-up, untimed: the first step also creates AdamW's state
-    for batch in batches[1:]:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    # Memory in a step of its own: on CPU, PeakMemory polls malloc's counters from a thread, which
-    # contends for the allocator and would slow the timed steps.
-    with PeakMemory(device) as memory:
-        step(max(batches[1:], key=lambda b: b.input_ids.numel()))
+    # lorakit train holds the frozen base weights in the compute dtype for its run
+    # (models/autocast_weights.py), beside the float32 ones: counted in its peak memory. PEFT's are
+    # cast by autocast at every use.
+    held = getattr(torch, args.compute_dtype) if library.startswith("lorakit") else None
+    with frozen_weights_in(model, held) as held_bytes:
+        times = []
+        first_loss = step(batches[0])  # warm-up, untimed: the first step also creates AdamW's state
+        for batch in batches[1:]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        # Memory in a step of its own: on CPU, PeakMemory polls malloc's counters from a thread, which
+        # contends for the allocator and would slow the timed steps.
+        with PeakMemory(device) as memory:
+            step(max(batches[1:], key=lambda b: b.input_ids.numel()))
     tokens = sum(int(b.attention_mask.sum()) for b in batches[1:])
-    return {"times": times, "first_loss": first_loss, "peak": memory.peak, "tokens": tokens,
+    return {"times": times, "first_loss": first_loss, "peak": memory.peak + held_bytes, "tokens": tokens,
             "trainable": sum(p.numel() for p in params)}
 
 
@@ -165,7 +171,9 @@ def main() -> None:
         ["library", "median step", "tokens/s", "peak memory above model", "trainable params"], rows,
         notes=f"r=16, alpha=32, all linear layers; batches of {args.batch} orders examples (length-bucketed, loss on "
               f"assistant tokens only); forward + backward + AdamW step; {args.trials} alternating child processes x "
-              f"{args.steps} steps each. First-step losses agree within {worst:.1e} relative.",
+              f"{args.steps} steps each. First-step losses agree within {worst:.1e} relative."
+              + (" lorakit holds the frozen linear weights in the compute dtype for the run, as lorakit train "
+                 "does (its memory counts those copies); PEFT's are cast by autocast at every use." if bf16 else ""),
     )
     print(path.read_text())
 

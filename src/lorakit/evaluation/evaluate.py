@@ -25,6 +25,7 @@ from lorakit.generation.generate import (
     generate_ids,
 )
 from lorakit.methods.method import methods_disabled
+from lorakit.models.autocast_weights import active_autocast_dtype, frozen_weights_in
 from lorakit.models.base import load_for_inference
 
 ANSWER_MARGIN = 16  # tokens allowed beyond the longest reference answer
@@ -74,21 +75,23 @@ def score_model(model: nn.Module, tokenizer, records: list[dict], label: str, ba
     references = [reference_text(r) for r in records]
     json_only = not json_object and all(_json_object(ref) is not None for ref in references)
     examples = [tokenize_record(r, tokenizer, max_length=1 << 20, copy_fields=copy_fields)[0] for r in records]
-    loss, starts = check_references(model, examples, batch_size, padding_id(tokenizer), tokenizer.eos_token_id,
-                                    progress)
-    if json_object:
-        starts = [_agreed_part(s, e, tokenizer.eos_token_id) for s, e in zip(starts, examples, strict=True)]
-    if copy_fields:
-        starts = [_allowed_part(s, tokenizer, copy_fields) for s in starts]
-    limit = max_new_tokens or max(end - start for start, end in map(answer_span, examples)) + ANSWER_MARGIN
-    pending = [i for i, s in enumerate(starts) if not _settled(s, limit, tokenizer, json_only)]
-    _decode_on(model, tokenizer, starts, pending, limit, batch_size, progress, json_only, json_object, copy_fields)
-    answers = [tokenizer.decode(s.tokens[:limit], skip_special_tokens=True) for s in starts]
-    if json_only:  # shown rows that may have been cut short: decode them in full, for display
-        cut = [i for i in shown if cannot_be_json_object(answers[i])]
-        _decode_on(model, tokenizer, starts, cut, limit, batch_size, copy_fields=copy_fields)
-        for i in cut:
-            answers[i] = tokenizer.decode(starts[i].tokens, skip_special_tokens=True)
+    # Under autocast, the frozen weights in its dtype while scoring (the same products; after any merge).
+    with frozen_weights_in(model, active_autocast_dtype(next(model.parameters()).device)):
+        loss, starts = check_references(model, examples, batch_size, padding_id(tokenizer), tokenizer.eos_token_id,
+                                        progress)
+        if json_object:
+            starts = [_agreed_part(s, e, tokenizer.eos_token_id) for s, e in zip(starts, examples, strict=True)]
+        if copy_fields:
+            starts = [_allowed_part(s, tokenizer, copy_fields) for s in starts]
+        limit = max_new_tokens or max(end - start for start, end in map(answer_span, examples)) + ANSWER_MARGIN
+        pending = [i for i, s in enumerate(starts) if not _settled(s, limit, tokenizer, json_only)]
+        _decode_on(model, tokenizer, starts, pending, limit, batch_size, progress, json_only, json_object, copy_fields)
+        answers = [tokenizer.decode(s.tokens[:limit], skip_special_tokens=True) for s in starts]
+        if json_only:  # shown rows that may have been cut short: decode them in full, for display
+            cut = [i for i in shown if cannot_be_json_object(answers[i])]
+            _decode_on(model, tokenizer, starts, cut, limit, batch_size, copy_fields=copy_fields)
+            for i in cut:
+                answers[i] = tokenizer.decode(starts[i].tokens, skip_special_tokens=True)
     correct = [matches(a, ref) for a, ref in zip(answers, references, strict=True)]
     return Score(label, answers, correct, loss)
 

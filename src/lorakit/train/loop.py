@@ -25,6 +25,7 @@ from lorakit.data.tokenize import padding_id, tokenize_file
 from lorakit.errors import ConfigError
 from lorakit.files.decoding import write_copy_fields
 from lorakit.methods.method import method_named
+from lorakit.models.autocast_weights import frozen_weights_in
 from lorakit.models.base import load_base
 from lorakit.train import distributed
 from lorakit.train.checkpoint import (
@@ -36,7 +37,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.loss import evaluate_loss
 from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
 from lorakit.train.optimizer import make_optimizer, set_learning_rate
-from lorakit.train.precision import compute_context
+from lorakit.train.precision import compute_context, resolved_compute_dtype
 from lorakit.train.run import (
     TrainingDiverged,
     TrainResult,
@@ -143,54 +144,60 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
     losses: list[float] = []
     val_loss = None
     model.train()
-    for step in range(start, end):
-        started = time.perf_counter()
-        lr = config.learning_rate * lr_factor(step, total_steps, config.warmup_steps, config.min_lr_ratio)
-        set_learning_rate(optimizer, lr)
-        micro = [batch_at(step * config.grad_accum + k) for k in range(config.grad_accum)]
-        target_tokens = sum(tokens for tokens, _, _, _ in micro)
-        step_loss = 0.0
-        for k, (_, batch, weight, keys) in enumerate(micro):
-            set_row_keys(dropouts, keys)  # kept through backward: checkpointed layers recompute their masks
-            with compute(batch.input_ids.shape[1]):
-                loss = loss_of(batch, k == config.grad_accum - 1) * weight / max(target_tokens, 1)
-            loss.backward()
-            step_loss += loss.item() / world.size  # loss_of scales by the number of processes
-        set_row_keys(dropouts, None)
-        mine = sum(int(b.attention_mask.sum()) * weight for _, b, weight, _ in micro)
-        step_loss, tokens = world.sum(step_loss, mine)
-        grad_norm = clip_gradients(slots.values(), config.max_grad_norm)
-        done = step + 1
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # the same verdict on every process
-            raise TrainingDiverged(f"step {done}: the loss is {step_loss:g} and the gradient norm {grad_norm:g}, so "
-                                   f"training stopped before applying it ({last_good(last_saved)}); start again "
-                                   "with a lower --lr or --max-grad-norm, check the data, or use a float32 base")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    # Frozen base weights held in the compute dtype for the run: the same products, without autocast
+    # casting every one of them again in every forward (models/autocast_weights.py). Under FSDP the
+    # parameters are shards that FSDP gathers from storage of its own, so its runs keep them as loaded.
+    sharded = config.parallel == "fsdp" and world.distributed
+    held_dtype = None if sharded else getattr(torch, resolved_compute_dtype(config.compute_dtype, device))
+    with frozen_weights_in(model, held_dtype):
+        for step in range(start, end):
+            started = time.perf_counter()
+            lr = config.learning_rate * lr_factor(step, total_steps, config.warmup_steps, config.min_lr_ratio)
+            set_learning_rate(optimizer, lr)
+            micro = [batch_at(step * config.grad_accum + k) for k in range(config.grad_accum)]
+            target_tokens = sum(tokens for tokens, _, _, _ in micro)
+            step_loss = 0.0
+            for k, (_, batch, weight, keys) in enumerate(micro):
+                set_row_keys(dropouts, keys)  # kept through backward: checkpointed layers recompute their masks
+                with compute(batch.input_ids.shape[1]):
+                    loss = loss_of(batch, k == config.grad_accum - 1) * weight / max(target_tokens, 1)
+                loss.backward()
+                step_loss += loss.item() / world.size  # loss_of scales by the number of processes
+            set_row_keys(dropouts, None)
+            mine = sum(int(b.attention_mask.sum()) * weight for _, b, weight, _ in micro)
+            step_loss, tokens = world.sum(step_loss, mine)
+            grad_norm = clip_gradients(slots.values(), config.max_grad_norm)
+            done = step + 1
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # the same verdict on every process
+                raise TrainingDiverged(f"step {done}: the loss is {step_loss:g} and the gradient norm {grad_norm:g}, so "
+                                       f"training stopped before applying it ({last_good(last_saved)}); start again "
+                                       "with a lower --lr or --max-grad-norm, check the data, or use a float32 base")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        seconds = time.perf_counter() - started
-        tokens = int(tokens)
-        losses.append(step_loss)
-        if world.is_main:
-            metrics.write({"step": done, "epoch": round(done * config.grad_accum / per_epoch, 4), "loss": step_loss,
-                           "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "target_tokens": target_tokens,
-                           "tokens_per_s": round(tokens / seconds, 1)})
-        # Every process validates and captures checkpoints (under FSDP each layer's weights are gathered
-        # from all of them); process 0 alone writes.
-        if val_set and (done == total_steps or (config.eval_every and done % config.eval_every == 0)):
-            with compute():
-                val_loss = evaluate_loss(model, val_set, config.batch_size, pad_id, device)
+            seconds = time.perf_counter() - started
+            tokens = int(tokens)
+            losses.append(step_loss)
             if world.is_main:
-                metrics.write({"step": done, "val_loss": val_loss})
-        if done == end or (config.save_every and done % config.save_every == 0):
-            state = capture(slots, optimizer)
-            if world.is_main:
-                metrics.sync()  # the metrics a resume from this checkpoint keeps are on disk first
-                save_checkpoint(output, method, model, state, done, config.to_dict())
-            last_saved = done
-        if bar is not None:
-            bar.set_postfix_str(_postfix(losses, val_loss, tokens / seconds), refresh=False)
-            bar.update(1)
+                metrics.write({"step": done, "epoch": round(done * config.grad_accum / per_epoch, 4), "loss": step_loss,
+                               "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "target_tokens": target_tokens,
+                               "tokens_per_s": round(tokens / seconds, 1)})
+            # Every process validates and captures checkpoints (under FSDP each layer's weights are gathered
+            # from all of them); process 0 alone writes.
+            if val_set and (done == total_steps or (config.eval_every and done % config.eval_every == 0)):
+                with compute():
+                    val_loss = evaluate_loss(model, val_set, config.batch_size, pad_id, device)
+                if world.is_main:
+                    metrics.write({"step": done, "val_loss": val_loss})
+            if done == end or (config.save_every and done % config.save_every == 0):
+                state = capture(slots, optimizer)
+                if world.is_main:
+                    metrics.sync()  # the metrics a resume from this checkpoint keeps are on disk first
+                    save_checkpoint(output, method, model, state, done, config.to_dict())
+                last_saved = done
+            if bar is not None:
+                bar.set_postfix_str(_postfix(losses, val_loss, tokens / seconds), refresh=False)
+                bar.update(1)
     if bar is not None:
         bar.close()
 

@@ -32,8 +32,12 @@ from lorakit.errors import MergeError
 def linear_adapter_update(x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
     """s * B(A(x)) for a linear map, in x's dtype; shared by nn.Linear, GPT-2's Conv1D and QA-LoRA.
     Computed in the adapter's dtype (float32 over a half-precision base, as PEFT does): more exact,
-    and on a CPU these thin bfloat16 matmuls ran at half the speed of float32 ones."""
-    h = F.linear(x.to(adapter.lora_A.dtype), adapter.lora_A) * adapter.scaling  # (..., r): scale the narrow tensor
+    and on a CPU these thin bfloat16 matmuls ran at half the speed of float32 ones. Under autocast the
+    products run in its dtype whatever x's is (float64 aside, which autocast leaves), so x is not
+    widened first: that copy, and its own copy back in backward, would change no value."""
+    autocast = torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
+    widened = x if autocast else x.to(adapter.lora_A.dtype)
+    h = F.linear(widened, adapter.lora_A) * adapter.scaling  # (..., r): scale the narrow tensor
     return F.linear(h, adapter.lora_B).to(x.dtype)  # (..., out)
 
 
