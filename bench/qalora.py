@@ -196,9 +196,10 @@ def write_bfloat16_steps(train: dict, args: argparse.Namespace) -> None:
         ["measured", "value", "compared with", "ratio"],
         [_step_row(train, "training step, QA-LoRA on the 4-bit base")],
         notes=f"Batches of {args.batch} orders examples, forward under the same {args.compute_dtype} autocast on "
-              f"both sides (weights and adapters keep their dtypes), backward outside it, AdamW; {args.trials} "
-              f"alternating child processes x {args.steps} steps. QA-LoRA de-quantizes the 4-bit weights in forward "
-              "and again in backward; autocast then multiplies in bfloat16 on both sides. LoRA's base is float32.",
+              f"both sides (adapters float32), backward outside it, AdamW; {args.trials} alternating child "
+              f"processes x {args.steps} steps. QA-LoRA de-quantizes the 4-bit weights in forward and again in "
+              "backward; autocast then multiplies in bfloat16 on both sides. LoRA's float32 base is held in "
+              "bfloat16 for the run, as lorakit train holds it (its memory counts those copies).",
     )
     print(path.read_text())
 

@@ -32,6 +32,15 @@ def test_dequantized_weights_are_within_half_a_step(bits, group_size):
     assert (error16 <= 0.5 * step + (1 << bits) * step * 2**-10 + weight.abs().max() * 2**-10).all()
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_a_half_precision_weight_is_the_float32_one_rounded_once(bits):
+    weight = quantize_weight(torch.randn(48, 256, generator=torch.Generator().manual_seed(bits)), bits, 32)
+    wide = weight.dequantize(torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(weight.dequantize(dtype), wide.to(dtype))  # what autocast makes of the float32 one
+    assert torch.equal(weight.dequantize(torch.float64), wide.double())  # float32's values, exactly
+
+
 def test_four_bit_weights_take_under_a_fifth_of_float32():
     weight = torch.randn(576, 1536)
     q = quantize_weight(weight, 4, 32)
