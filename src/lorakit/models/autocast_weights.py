@@ -5,8 +5,8 @@ and autocast keeps a cast only for weights that take gradients: a frozen base is
 forward. In a LoRA training step of SmolLM2 under bfloat16 on a CPU those casts, and their copies,
 were a tenth of the step (torch.profiler: ``aten::copy_`` and ``_to_copy``). Stored in that dtype for
 the while, the weights reach the products as the very operands autocast would have made (both round
-to nearest even), so every result is bit for bit the same, the casts are gone and the weights take
-half the memory.
+to nearest even), so every result is bit for bit the same and the casts are gone. The copies sit
+beside the float32 originals (half their bytes again), as autocast's casts did at a step's peak.
 
 Only the weights of modules that use them in ``F.linear`` alone are held: exactly ``nn.Linear``, and
 lorakit's LoRA Linear without DoRA (DoRA takes the norm of the weight itself, outside autocast's
