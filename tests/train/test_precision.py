@@ -62,15 +62,18 @@ def test_an_unknown_compute_dtype_is_refused_by_name():
         TrainConfig(train="x.jsonl", compute_dtype="int8")
 
 
-def test_a_bfloat16_run_follows_the_float32_one_and_saves_float32_adapters(tiny_base_dir, data_dir, tmp_path):
+def test_a_bfloat16_run_follows_the_float32_one_and_saves_float32_adapters(tiny_base_dir, data_dir, tmp_path,
+                                                                          capsys):
     from safetensors.torch import load_file
 
     from lorakit.train.loop import train
     from tests.train.test_loop import _config
 
-    exact = train(_config(tiny_base_dir, data_dir, tmp_path / "fp32", max_steps=4, dropout=0.0))
+    exact = train(_config(tiny_base_dir, data_dir, tmp_path / "fp32", max_steps=4, dropout=0.0, progress=True))
+    assert "products" not in capsys.readouterr().err
     mixed = train(_config(tiny_base_dir, data_dir, tmp_path / "bf16", max_steps=4, dropout=0.0,
-                          compute_dtype="bfloat16"))
+                          compute_dtype="bfloat16", progress=True))
+    assert "on cpu with bfloat16 products" in capsys.readouterr().err  # the summary says what ran
     assert mixed.losses != exact.losses  # the products did run in bfloat16 ...
     assert mixed.losses == pytest.approx(exact.losses, rel=2e-2)  # ... to within its rounding
     tensors = load_file(tmp_path / "bf16" / "adapter_model.safetensors")

@@ -237,6 +237,9 @@ def _summary(model: nn.Module, examples: int, total_steps: int, config: TrainCon
     text = (f"lorakit: training {trainable / 1e6:.2f}M {what} ({100 * trainable / everything:.2f}% "
             f"of {everything / 1e6:.0f}M) on {examples} examples for {total_steps} steps of "
             f"{config.batch_size}x{config.grad_accum} on {device}")
+    products = resolved_compute_dtype(config.compute_dtype, device)
+    if products != "float32":  # what "auto" chose, said once
+        text += f" with {products} products"
     if processes > 1:
         tensors = [*model.parameters(), *model.buffers()]
         held = sum(distributed.local(t).nbytes for t in tensors) / 2**20
