@@ -121,7 +121,7 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tiny_base_dir,
 
 def test_a_diverging_run_stops_at_the_step_that_went_non_finite_and_keeps_its_checkpoint(tiny_base_dir, data_dir,
                                                                                          tmp_path):
-    from lorakit.train.loop import TrainingDiverged
+    from lorakit.train.run import TrainingDiverged
 
     config = _config(tiny_base_dir, data_dir, tmp_path, lr=1e30, warmup_steps=0, save_every=1, eval_every=0)
     with pytest.raises(TrainingDiverged, match=r"step (\d+): the loss is .* checkpoint, step \d+, is as it was") as err:

@@ -36,11 +36,10 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses
 from lorakit.train.optimizer import make_optimizer, set_learning_rate
 from lorakit.train.run import (
-    TrainingDiverged,
     TrainResult,
+    apply_step,
     checkpoint_to_resume,
     clip_gradients,
-    last_good,
     lr_factor,
     progress_bar,
     refuse_to_clobber,
@@ -116,12 +115,7 @@ def train_images(config: TrainConfig, resume: bool = False, overwrite: bool = Fa
             seen += len(labels)
         grad_norm = clip_gradients(slots.values(), config.max_grad_norm)
         done = step + 1
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-            raise TrainingDiverged(f"step {done}: the loss is {step_loss:g} and the gradient norm {grad_norm:g}, so "
-                                   f"training stopped before applying it ({last_good(last_saved)}); start again with "
-                                   "a lower --lr or --max-grad-norm")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_step(optimizer, done, step_loss, grad_norm, last_saved, "a lower --lr or --max-grad-norm")
         seconds = time.perf_counter() - started
         losses.append(step_loss)
         metrics.write({"step": done, "epoch": round(done * config.grad_accum / per_epoch, 4), "loss": step_loss,

@@ -39,11 +39,10 @@ from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_loss
 from lorakit.train.optimizer import make_optimizer, set_learning_rate
 from lorakit.train.precision import compute_context, resolved_compute_dtype
 from lorakit.train.run import (
-    TrainingDiverged,
     TrainResult,
+    apply_step,
     checkpoint_to_resume,
     clip_gradients,
-    last_good,
     lr_factor,
     progress_bar,
     refuse_to_clobber,
@@ -168,12 +167,8 @@ def _train(config: TrainConfig, world: distributed.World, resume: bool, overwrit
             step_loss, tokens = world.sum(step_loss, mine)
             grad_norm = clip_gradients(slots.values(), config.max_grad_norm)
             done = step + 1
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # the same verdict on every process
-                raise TrainingDiverged(f"step {done}: the loss is {step_loss:g} and the gradient norm {grad_norm:g}, so "
-                                       f"training stopped before applying it ({last_good(last_saved)}); start again "
-                                       "with a lower --lr or --max-grad-norm, check the data, or use a float32 base")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_step(optimizer, done, step_loss, grad_norm, last_saved,
+                       "a lower --lr or --max-grad-norm, check the data, or use a float32 base")
 
             seconds = time.perf_counter() - started
             tokens = int(tokens)

@@ -35,6 +35,19 @@ def last_good(step: int | None) -> str:
     return "no checkpoint was written yet" if step is None else f"the last checkpoint, step {step}, is as it was"
 
 
+def apply_step(optimizer: torch.optim.Optimizer, done: int, step_loss: float, grad_norm: float,
+               last_saved: int | None, advice: str) -> None:
+    """Step ``optimizer`` and clear the gradients, unless the loss or the gradient norm is NaN or
+    infinite: then TrainingDiverged (the same verdict on every process), nothing applied, and
+    ``advice`` (what to change) at the end of its message."""
+    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+        raise TrainingDiverged(f"step {done}: the loss is {step_loss:g} and the gradient norm {grad_norm:g}, so "
+                               f"training stopped before applying it ({last_good(last_saved)}); start again "
+                               f"with {advice}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to ``floor`` at the last step."""
     if step < warmup:
