@@ -52,3 +52,26 @@ def test_scored_answers_and_loss_are_greedy_decodings_and_the_training_loss(tiny
     examples = [tokenize_record(r, tokenizer, 1 << 20)[0] for r in records]
     expected_loss = evaluate_loss(model, examples, 4, padding_id(tokenizer), torch.device("cpu"))
     assert score.loss == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_scoring_under_autocast_holds_the_weights_and_gives_back_the_float32_ones(tiny_base_dir):
+    # score_model holds the frozen weights in bfloat16 while it scores under autocast
+    # (models/autocast_weights.py): the same products as autocast's own casts, so the same greedy
+    # answers and loss as plain autocast gives, and the float32 weights afterwards, untouched.
+    model, tokenizer = load_for_inference(str(tiny_base_dir), None)
+    before = {name: (param, param.detach().clone()) for name, param in model.named_parameters()}
+    users = ["two large pizzas to 4 Elm Road", "a coffee please", "one bagel", "six small teas for pickup"]
+    records = [{"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": "x"}]} for u in users]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        greedy = generate_texts(model, tokenizer, [prompt_text(r, tokenizer) for r in records], 12)
+        for record, answer in zip(records, greedy, strict=True):
+            record["messages"][1]["content"] = answer
+        examples = [tokenize_record(r, tokenizer, 1 << 20)[0] for r in records]
+        expected_loss = evaluate_loss(model, examples, 4, padding_id(tokenizer), torch.device("cpu"))
+        score = score_model(model, tokenizer, records, "tiny", batch_size=4, max_new_tokens=12)
+
+    assert score.answers == greedy and all(score.correct)
+    assert score.loss == pytest.approx(expected_loss, rel=1e-5)
+    for name, param in model.named_parameters():
+        kept, value = before[name]
+        assert param is kept and param.dtype == torch.float32 and torch.equal(param, value)
