@@ -94,6 +94,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from bench.common import write_table
     from bench.serve import make_adapters
+    from lorakit.commands.serve import served_dtype
 
     commit = subprocess.run(["git", "rev-parse", "--short", args.against], cwd=ROOT, check=True, capture_output=True,
                             text=True).stdout.strip()
@@ -136,8 +137,11 @@ def main() -> None:
     rows = [[config, f"{speed[earlier][config]:,.0f}", f"{speed[THIS][config]:,.0f}", f"**{ratio(THIS, config):.2f}x**",
              same(THIS, config), f"{speed[BF16][config]:,.0f}", f"**{ratio(BF16, config):.2f}x**", same(BF16, config)]
             for config in CONFIGS]
-    mixed_vs_one = [statistics.median(r["speeds"]["16 adapters mixed"]) / statistics.median(r["speeds"]["one adapter"])
-                    for r in sides[THIS]]
+    def mixed_vs_one(side: str) -> str:
+        ratios = [statistics.median(r["speeds"]["16 adapters mixed"]) / statistics.median(r["speeds"]["one adapter"])
+                  for r in sides[side]]
+        return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}x to {max(ratios):.2f}x)"
+
     path = write_table(
         "serve_engine_cpu", f"Serving engine decode, this tree vs commit {commit} (SmolLM2-135M, CPU)",
         f"python bench/serve_engine.py --against {args.against} --trials {args.trials} --runs {args.runs} "
@@ -147,9 +151,9 @@ def main() -> None:
         notes=f"Engine.generate, greedy, {args.tokens} new tokens per request, no end token; decode throughput "
               f"excludes the prompt pass. {args.trials} child processes per side, alternating, {args.runs} runs of "
               "each configuration in each; ratios are the median over trials of each side's median over the "
-              "earlier commit's. Same tokens: requests whose tokens equal the earlier commit's. In this tree "
-              f"(float32), 16 adapters mixed / one adapter: {statistics.median(mixed_vs_one):.2f}x "
-              f"({min(mixed_vs_one):.2f}x to {max(mixed_vs_one):.2f}x).")
+              "earlier commit's. Same tokens: requests whose tokens equal the earlier commit's. In this tree, "
+              f"16 adapters mixed / one adapter: {mixed_vs_one(THIS)} in float32, {mixed_vs_one(BF16)} in bfloat16. "
+              f"`lorakit serve`'s default on this machine (--dtype auto): {served_dtype('auto', False)}.")
     print(path.read_text())
 
 

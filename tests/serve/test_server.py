@@ -154,3 +154,15 @@ def test_an_open_server_refuses_to_listen_beyond_loopback(capsys):
 def test_serve_arguments_are_checked_before_the_model_loads(args, words, capsys):
     assert main(["serve", *args]) == 2
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("native", "exact_4bit", "expected"), [
+    (True, False, "bfloat16"), (False, False, "float32"), (True, True, "float32")])
+def test_serve_dtype_auto_is_bfloat16_only_where_the_device_multiplies_it_natively(native, exact_4bit, expected,
+                                                                                   monkeypatch):
+    from lorakit.commands.serve import served_dtype
+    from lorakit.train import precision
+
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: native)
+    assert served_dtype("auto", exact_4bit) == expected
+    assert served_dtype("float32", False) == "float32" and served_dtype("bfloat16", True) == "bfloat16"
