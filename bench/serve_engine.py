@@ -5,7 +5,10 @@ prompts, chat template), greedy, N new tokens each, through `lorakit.serve.engin
 no HTTP in between, in three configurations: every request on the base model, all 16 on one
 adapter, each on its own adapter (16 random r=16 adapters on all linear layers, written once
 by this tree and read by both). Decode throughput is the tokens of steps 2..N over their time
-(a run of 1 token, the prompt pass, is subtracted). Three sides: this tree in float32, the
+(a run of 1 token, the prompt pass, is subtracted). A fourth is continuous batching: 48 requests
+(3 per adapter, of N, N/2, N/3 and N/4 tokens in turn) through 16 rows, so requests leave and
+others join while decoding goes on; its throughput is every generated token over the whole time,
+prompt passes included. Three sides: this tree in float32, the
 earlier commit in float32 (the same work: what the code change did), and this tree with the model
 in bfloat16 (`lorakit serve --dtype bfloat16`: other arithmetic, so its tokens are compared too).
 Each side runs in its own child process, its `lorakit` imported from its own source tree (the
@@ -28,7 +31,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ("base model", "one adapter", "16 adapters mixed")
+CONFIGS = ("base model", "one adapter", "16 adapters mixed", "16 adapters, joining and leaving")
+STEADY = CONFIGS[:3]
 THIS, BF16 = "this tree, float32", "this tree, bfloat16"
 ADAPTERS = 16
 
@@ -42,7 +46,7 @@ def worker(args: argparse.Namespace) -> dict:
     from lorakit.data.records import read_records
     from lorakit.data.tokenize import prompt_text
     from lorakit.models.base import load_base
-    from lorakit.serve.engine import Engine
+    from lorakit.serve.engine import Engine, Request
     from lorakit.serve.registry import AdapterRegistry
     from lorakit.serve.sampling import SamplingParams
 
@@ -65,14 +69,27 @@ def worker(args: argparse.Namespace) -> dict:
         out = engine.generate(prompts, adapters[config], SamplingParams(max_tokens=tokens, temperature=0))
         return time.perf_counter() - start, out
 
-    for config in CONFIGS:  # warm-up
+    def staggered() -> tuple[float, list[list[int]]]:
+        """Continuous batching: 3 requests per adapter, of 1/1 to 1/4 of the tokens, through 16 rows,
+        so requests leave and others join while decoding goes on (prompt passes included)."""
+        lengths = [max(args.tokens // (1 + i % 4), 2) for i in range(3 * ADAPTERS)]
+        start = time.perf_counter()
+        requests = [engine.submit(Request(names[i % ADAPTERS], prompts[i % ADAPTERS],
+                                          SamplingParams(max_tokens=n, temperature=0))) for i, n in enumerate(lengths)]
+        while any(r.finish_reason is None for r in requests):
+            engine.step()
+        return sum(lengths) / (time.perf_counter() - start), [r.ids for r in requests]
+
+    for config in STEADY:  # warm-up
         run(config, 2)
     speeds, tokens = {c: [] for c in CONFIGS}, {}
     for _ in range(args.runs):
-        for config in CONFIGS:
+        for config in STEADY:
             prompt_pass, _ = run(config, 1)
             whole, tokens[config] = run(config, args.tokens)
             speeds[config].append(ADAPTERS * (args.tokens - 1) / (whole - prompt_pass))
+        speed, tokens[CONFIGS[3]] = staggered()
+        speeds[CONFIGS[3]].append(speed)
     return {"speeds": speeds, "tokens": tokens}
 
 
@@ -132,7 +149,7 @@ def main() -> None:
 
     def same(side: str, config: str) -> str:
         mine, theirs = sides[side][-1]["tokens"][config], sides[earlier][-1]["tokens"][config]
-        return f"{sum(a == b for a, b in zip(mine, theirs, strict=True))}/{ADAPTERS}"
+        return f"{sum(a == b for a, b in zip(mine, theirs, strict=True))}/{len(mine)}"
 
     rows = [[config, f"{speed[earlier][config]:,.0f}", f"{speed[THIS][config]:,.0f}", f"**{ratio(THIS, config):.2f}x**",
              same(THIS, config), f"{speed[BF16][config]:,.0f}", f"**{ratio(BF16, config):.2f}x**", same(BF16, config)]
@@ -146,7 +163,7 @@ def main() -> None:
         "serve_engine_cpu", f"Serving engine decode, this tree vs commit {commit} (SmolLM2-135M, CPU)",
         f"python bench/serve_engine.py --against {args.against} --trials {args.trials} --runs {args.runs} "
         f"--tokens {args.tokens}",
-        ["16 requests on", f"{earlier} tok/s", "this tree, float32 tok/s", "vs earlier", "same tokens",
+        ["requests on", f"{earlier} tok/s", "this tree, float32 tok/s", "vs earlier", "same tokens",
          "this tree, bfloat16 tok/s", "vs earlier", "same tokens"], rows,
         notes=f"Engine.generate, greedy, {args.tokens} new tokens per request, no end token; decode throughput "
               f"excludes the prompt pass. {args.trials} child processes per side, alternating, {args.runs} runs of "

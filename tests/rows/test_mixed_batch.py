@@ -68,12 +68,30 @@ def test_a_stacked_plan_takes_over_the_earlier_plans_stacks_only_while_they_stil
     first_a = first.stacks[id(layer)].a
     same = run(["a", "b", "c"], first)
     assert same.stacks[id(layer)].a is first_a  # the same adapters: no copy at all
-    subset = run(["a", "a", "c"], same)  # rows regrouped, b gone: a and c picked out of the earlier stack
+    subset = run(["a", "a", "c"], same)  # rows regrouped, b gone: a and c copied into the earlier stack's memory
     assert subset.stacks[id(layer)].a.shape[0] == 2
-    subset_a = subset.stacks[id(layer)].a
-    randomize_adapters(model, seed=7)  # written to in place: the earlier copies are stale
+    assert subset.stacks[id(layer)].a.data_ptr() == first_a.data_ptr()
+    subset_sources = subset.stacks[id(layer)].sources
+    randomize_adapters(model, seed=7)  # written to in place: the earlier copies are stale (run checks the outputs)
     changed = run(["a", "a", "c"], subset)
-    assert changed.stacks[id(layer)].a is not subset_a
+    assert changed.stacks[id(layer)].sources != subset_sources
+    grown = run(["a", "b", "c"], changed)  # three adapters again: the memory has room for them
+    assert grown.stacks[id(layer)].a.data_ptr() == first_a.data_ptr()
+
+
+def test_gradients_reach_every_adapter_through_a_stacked_plan():
+    model = _model(tiny_llama, "all-linear")
+    ids = torch.randint(3, 96, (3, 5), generator=torch.Generator().manual_seed(0))
+    adapters = [p.requires_grad_() for n, p in model.named_parameters() if "lora_" in n]
+    grads = {}
+    for stacked in (False, True):
+        model.zero_grad(set_to_none=True)
+        with rows_use_adapters(model, ["a", "b", "c"], stacked=stacked):
+            model(ids).logits.square().mean().backward()
+        grads[stacked] = [p.grad.clone() for p in adapters]
+    assert all(grad.abs().sum() > 0 for grad in grads[True])  # every A and B of the three adapters
+    for stacked_grad, loop_grad in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(stacked_grad, loop_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_one_adapter_for_every_row_is_one_segment():

@@ -43,9 +43,11 @@ class RowPlan:
     segment's pair with two batched matmuls (rows/stacked.py): four operations per layer whatever
     the number of adapters, where the loop costs four per segment. The stacks are built on a
     layer's first use and kept in ``stacks``, so they are built once for as long as the batch's
-    composition lasts (the engine's decoding steps), and a plan made when the rows change takes over
-    ``earlier``'s stacks for the adapters still there. That pays when the plan serves many passes of
-    few tokens per row; for a single pass (a prompt) the copy of every adapter it costs buys nothing.
+    composition lasts (the engine's decoding steps). A plan made when the rows change takes
+    ``earlier``'s stacks over where they hold the same adapters, and otherwise copies into their
+    memory (already paged in, unlike new memory); ``earlier`` gives those stacks up (were it run
+    again, it would build them anew). That pays when the plan serves many passes of few tokens per row; for a single pass (a
+    prompt) the copy of every adapter it costs buys nothing.
     """
 
     def __init__(self, segments: tuple[RowSegment, ...], stacked: bool = False, earlier: RowPlan | None = None) -> None:
@@ -53,8 +55,8 @@ class RowPlan:
         self.stacked = stacked and len(segments) > 1
         self.rows = segments[-1].stop if segments else 0
         self.stacks: dict[int, object] = {}  # id(layer) -> its stacked matrices and row layout (None: untargeted)
-        # The plan this one follows in a running batch: a layer takes its stacks over where the
-        # adapters are the same (each entry leaves as its layer builds, so memory is not doubled).
+        # The plan this one follows in a running batch: a layer takes its stacks, or their memory,
+        # over (each entry leaves as its layer builds, so memory is not doubled).
         self.earlier: dict[int, object] = earlier.stacks if earlier is not None and self.stacked else {}
 
     def route(self, layer: LoraLayer, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
