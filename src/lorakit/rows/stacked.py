@@ -84,7 +84,7 @@ def _copied(adapters: list[LoraAdapter], dtype: torch.dtype,
     """(a, b, scaling, memory): the adapters' matrices copied into ``memory`` (the earlier plan's)
     where they fit, which is paged in already: new memory of this size can cost a page fault per
     4 KiB on first touch. Continuous batching of 48 requests over 16 adapters of r=16 (SmolLM2, 2-core
-    Zen 5, 2026-12-02) spent 1.2 s building stacks against 1.6 s with new memory each time."""
+    Zen 5, 2026-12-02) spent 1.2-1.6 s building stacks against 1.7-1.9 s with new memory each time."""
     a, a_memory = _stacked([adapter.lora_A for adapter in adapters], 0, dtype, memory[0] if memory else None)
     b, b_memory = _stacked([adapter.lora_B for adapter in adapters], 1, dtype, memory[1] if memory else None)
     scaling = torch.tensor([adapter.scaling for adapter in adapters], device=a.device, dtype=dtype).view(-1, 1, 1)
@@ -95,17 +95,21 @@ def _stacked(matrices: list[torch.Tensor], rank_dim: int, dtype: torch.dtype,
              memory: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(stacked, memory): the matrices stacked along a new first dim, each zero-padded to the largest
     rank along ``rank_dim``, written into the first entries of ``memory`` when it has the room, the
-    shape, dtype and device (else into new memory with room for twice as many: untouched pages cost
-    nothing until used). Stored as the adapters are (bmm takes the transposes as views): a plain
+    shape, dtype and device, else into new memory: of twice the size where ``memory`` was too small
+    (a batch growing as requests join, which may go on), of just that size otherwise (room for more
+    in every new batch made its first stacking 4x slower here: malloc then maps fresh pages each
+    time). Stored as the adapters are (bmm takes the transposes as views): a plain
     copy, several times faster than writing them transposed. Where autograd records (a stacked plan
     run with gradients on), the copies go to new memory through ops it records."""
     shape = list(matrices[0].shape)
     shape[rank_dim] = max(m.shape[rank_dim] for m in matrices)
     count = len(matrices)
     recorded = torch.is_grad_enabled() and any(m.requires_grad for m in matrices)
-    if recorded or memory is None or memory.shape[0] < count or list(memory.shape[1:]) != shape \
-            or memory.dtype != dtype or memory.device != matrices[0].device:
-        memory = matrices[0].new_empty(count if recorded else 2 * count, *shape, dtype=dtype)
+    fits = memory is not None and list(memory.shape[1:]) == shape and memory.dtype == dtype \
+        and memory.device == matrices[0].device
+    if recorded or not fits or memory.shape[0] < count:
+        growing = fits and not recorded
+        memory = matrices[0].new_empty(2 * count if growing else count, *shape, dtype=dtype)
     stacked = memory[:count]
     if all(m.shape[rank_dim] == shape[rank_dim] for m in matrices) and not recorded:
         torch.stack([m.to(dtype) for m in matrices], out=stacked)
