@@ -92,6 +92,11 @@ def test_gradients_reach_every_adapter_through_a_stacked_plan():
     assert all(grad.abs().sum() > 0 for grad in grads[True])  # every A and B of the three adapters
     for stacked_grad, loop_grad in zip(grads[True], grads[False], strict=True):
         torch.testing.assert_close(stacked_grad, loop_grad, rtol=1e-4, atol=1e-6)
+    plan = RowPlan(row_segments(["a", "b", "c"]), stacked=True)
+    with rows_use_plan(plan):
+        model(ids).logits.sum().backward()
+    stacks = [s for s in plan.stacks.values() if s is not None]
+    assert stacks and all(s.memory == (None, None) for s in stacks)  # backward's tensors are never written over
 
 
 def test_one_adapter_for_every_row_is_one_segment():

@@ -46,8 +46,8 @@ class RowPlan:
     composition lasts (the engine's decoding steps). A plan made when the rows change takes
     ``earlier``'s stacks over where they hold the same adapters, and otherwise copies into their
     memory (already paged in, unlike new memory); ``earlier`` gives those stacks up (were it run
-    again, it would build them anew). That pays when the plan serves many passes of few tokens per row; for a single pass (a
-    prompt) the copy of every adapter it costs buys nothing.
+    again, it would build them anew). That pays when the plan serves many passes of few tokens per
+    row; for a single pass (a prompt) the copy of every adapter it costs buys nothing.
     """
 
     def __init__(self, segments: tuple[RowSegment, ...], stacked: bool = False, earlier: RowPlan | None = None) -> None:

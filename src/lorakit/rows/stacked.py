@@ -52,7 +52,7 @@ class _Stack:
     gather: torch.Tensor | None  # (G * m,) batch row of each block row; None: the batch already is the blocks
     keep: torch.Tensor | None  # (covered rows,) block rows that are real rows; None: all of them
     rows: torch.Tensor | None  # (covered rows,) their batch rows; None: every row of the batch
-    memory: tuple[torch.Tensor, torch.Tensor]  # (capacity >= G, ...) tensors whose first G entries are a and b
+    memory: tuple[torch.Tensor | None, ...]  # (capacity >= G, ...) holding a and b first; None: autograd's
 
 
 def _stack(layer: LoraLayer, plan, dtype: torch.dtype) -> _Stack | None:
@@ -80,7 +80,7 @@ def _stack(layer: LoraLayer, plan, dtype: torch.dtype) -> _Stack | None:
 
 
 def _copied(adapters: list[LoraAdapter], dtype: torch.dtype,
-            memory: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
+            memory: tuple[torch.Tensor | None, ...] | None) -> tuple:
     """(a, b, scaling, memory): the adapters' matrices copied into ``memory`` (the earlier plan's)
     where they fit, which is paged in already: new memory of this size can cost a page fault per
     4 KiB on first touch. Continuous batching of 48 requests over 16 adapters of r=16 (SmolLM2, 2-core
@@ -92,15 +92,16 @@ def _copied(adapters: list[LoraAdapter], dtype: torch.dtype,
 
 
 def _stacked(matrices: list[torch.Tensor], rank_dim: int, dtype: torch.dtype,
-             memory: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+             memory: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(stacked, memory): the matrices stacked along a new first dim, each zero-padded to the largest
     rank along ``rank_dim``, written into the first entries of ``memory`` when it has the room, the
     shape, dtype and device, else into new memory: of twice the size where ``memory`` was too small
     (a batch growing as requests join, which may go on), of just that size otherwise (room for more
     in every new batch made its first stacking 4x slower here: malloc then maps fresh pages each
-    time). Stored as the adapters are (bmm takes the transposes as views): a plain
-    copy, several times faster than writing them transposed. Where autograd records (a stacked plan
-    run with gradients on), the copies go to new memory through ops it records."""
+    time). Stored as the adapters are (bmm takes the transposes as views): a plain copy, several
+    times faster than writing them transposed. Where autograd records (a stacked plan run with
+    gradients on), the copies go to new memory through ops it records, and that memory is not
+    handed on (backward may still read it)."""
     shape = list(matrices[0].shape)
     shape[rank_dim] = max(m.shape[rank_dim] for m in matrices)
     count = len(matrices)
@@ -117,4 +118,4 @@ def _stacked(matrices: list[torch.Tensor], rank_dim: int, dtype: torch.dtype,
     stacked.zero_()
     for i, m in enumerate(matrices):
         stacked[i].narrow(rank_dim, 0, m.shape[rank_dim]).copy_(m)
-    return stacked, memory
+    return stacked, None if recorded else memory
