@@ -154,6 +154,7 @@ def main() -> None:
     rows = [[config, f"{speed[earlier][config]:,.0f}", f"{speed[THIS][config]:,.0f}", f"**{ratio(THIS, config):.2f}x**",
              same(THIS, config), f"{speed[BF16][config]:,.0f}", f"**{ratio(BF16, config):.2f}x**", same(BF16, config)]
             for config in CONFIGS]
+
     def mixed_vs_one(side: str) -> str:
         ratios = [statistics.median(r["speeds"]["16 adapters mixed"]) / statistics.median(r["speeds"]["one adapter"])
                   for r in sides[side]]
@@ -166,7 +167,8 @@ def main() -> None:
         ["requests on", f"{earlier} tok/s", "this tree, float32 tok/s", "vs earlier", "same tokens",
          "this tree, bfloat16 tok/s", "vs earlier", "same tokens"], rows,
         notes=f"Engine.generate, greedy, {args.tokens} new tokens per request, no end token; decode throughput "
-              f"excludes the prompt pass. {args.trials} child processes per side, alternating, {args.runs} runs of "
+              "excludes the prompt pass, except joining and leaving: 48 requests of 1/1 to 1/4 of those tokens "
+              f"through 16 rows, every token over the whole run, prompt passes included. {args.trials} child processes per side, alternating, {args.runs} runs of "
               "each configuration in each; ratios are the median over trials of each side's median over the "
               "earlier commit's. Same tokens: requests whose tokens equal the earlier commit's. In this tree, "
               f"16 adapters mixed / one adapter: {mixed_vs_one(THIS)} in float32, {mixed_vs_one(BF16)} in bfloat16. "
