@@ -28,8 +28,9 @@ SPLITS = ("test", "real")
 DTYPES = ("float32", "bfloat16")
 
 
-def answers_in(dtype: str, adapter: Path, prompts: dict[str, list[list[int]]], batch: int, max_tokens: int):
+def answers_in(dtype: str, adapter: Path, records: dict[str, list[dict]], batch: int, max_tokens: int):
     """({split: answer texts}, {split: decoded tokens per second}) of the engine with the model in ``dtype``."""
+    from lorakit.data.tokenize import prompt_text
     from lorakit.models.base import load_base
     from lorakit.serve.engine import Engine
     from lorakit.serve.registry import AdapterRegistry
@@ -41,6 +42,8 @@ def answers_in(dtype: str, adapter: Path, prompts: dict[str, list[list[int]]], b
     registry.register("orders", adapter)
     engine = Engine(model, tokenizer, max_batch=batch, prepare=registry.acquire, release=registry.release)
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    prompts = {split: [tokenizer(prompt_text(r, tokenizer), add_special_tokens=False)["input_ids"] for r in rs]
+               for split, rs in records.items()}
     engine.generate(prompts["test"][:2], ["orders"] * 2, SamplingParams(max_tokens=2, temperature=0))  # warm-up
     texts, speeds = {}, {}
     for split, ids in prompts.items():
@@ -64,17 +67,13 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from bench.common import write_table
     from lorakit.data.records import read_records
-    from lorakit.data.tokenize import prompt_text, reference_text
+    from lorakit.data.tokenize import reference_text
     from lorakit.evaluation.evaluate import matches
-    from lorakit.models.base import load_base
 
-    _, tokenizer = load_base()
     records = {split: read_records(ROOT / "data" / "orders" / f"{split}.jsonl") for split in SPLITS}
-    prompts = {split: [tokenizer(prompt_text(r, tokenizer), add_special_tokens=False)["input_ids"] for r in rs]
-               for split, rs in records.items()}
     results = {}
     for dtype in DTYPES:
-        results[dtype] = answers_in(dtype, args.adapter, prompts, args.batch, args.max_tokens)
+        results[dtype] = answers_in(dtype, args.adapter, records, args.batch, args.max_tokens)
         print(f"{dtype}: " + ", ".join(f"{s} {v:.0f} tok/s" for s, v in results[dtype][1].items()), flush=True)
 
     rows = []
