@@ -1,5 +1,5 @@
 import sys
 
-from lorakit.cli import main
+from lorakit.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -23,6 +23,14 @@ from lorakit.commands import (
     train,
 )
 from lorakit.errors import LorakitError
+from lorakit.process_memory import keep_freed_memory
+
+
+def run() -> int:
+    """The installed ``lorakit`` program: ``main`` in a process whose allocator keeps freed memory
+    (process_memory.py). Tests call ``main`` and keep their own process as it is."""
+    keep_freed_memory()
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:
