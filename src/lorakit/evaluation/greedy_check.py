@@ -17,13 +17,12 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit.data.batches import collate, sequential_batches
 from lorakit.data.records import DataError
 from lorakit.data.tokenize import IGNORE, TokenizedExample
-from lorakit.models.forward import labelled_logits
+from lorakit.models.head_loss import labelled_scores
 
 
 @dataclass
@@ -73,11 +72,11 @@ def check_references(model: nn.Module, examples: list[TokenizedExample], batch_s
         batches = tqdm(batches, desc="teacher-forced pass", unit="batch", file=sys.stderr, leave=False)
     for rows in batches:
         batch = collate([examples[i] for i in rows], pad_id).to(device)
-        logits, targets = labelled_logits(model, batch)  # (N, V), (N,): rows in order, left to right
-        total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        loss, predictions, _ = labelled_scores(model, batch)  # predictions (N,): rows in order, left to right
+        total += float(loss)
         count += batch.loss_tokens
         per_row = (batch.labels[:, 1:] != IGNORE).sum(dim=1).tolist()
-        for i, predicted in zip(rows, logits.argmax(dim=-1).split(per_row), strict=True):
+        for i, predicted in zip(rows, predictions.split(per_row), strict=True):
             example = examples[i]
             start, end = answer_span(example)
             reference = example.input_ids[start:end]

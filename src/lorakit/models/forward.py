@@ -5,7 +5,8 @@ matmul per token, plus a softmax over 49,152 entries, about a fifth of the model
 In supervised fine-tuning and in scoring against references most positions are prompt and carry
 no label, so the backbone runs, the hidden states of the positions that predict a labelled token
 are kept, and the head is applied to those alone. A prefix every row shares (the chat template's
-opening) runs once per batch. Training's loss and evaluation's greedy check both read this.
+opening) runs once per batch. Training's loss and evaluation's greedy check both read this, and
+apply the head in chunks (models/head_loss.py).
 """
 
 from __future__ import annotations
@@ -21,19 +22,20 @@ from lorakit.data.tokenize import IGNORE
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def labelled_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, V), targets (N,)) for the N positions that predict a labelled token, row by row
-    and left to right within a row."""
+def labelled_states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, nn.Module | None]:
+    """(states, targets (N,), head) for the N positions that predict a labelled token, row by row and
+    left to right: their last hidden states (N, H) and the output head that maps them to logits, or,
+    for a model whose logits are more than head(hidden), the logits themselves (N, V) and None."""
     targets = batch.labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE
     backbone, head = _backbone_and_head(model)
     if backbone is None:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return logits[:, :-1][keep], targets[keep]
+        return logits[:, :-1][keep], targets[keep], None
     shared = batch.shared_prefix if _prefix_sharing_is_exact(model) else 0
     hidden, shared = _hidden_states(backbone, batch, shared)  # (B, T - shared, H): positions shared..T-1
     # No position before `shared` predicts a label, so keep[:, shared:] holds every kept position.
-    return head(hidden[:, :-1][keep[:, shared:]]), targets[keep]  # head on labelled positions only
+    return hidden[:, :-1][keep[:, shared:]], targets[keep], head
 
 
 def _hidden_states(backbone: nn.Module, batch: Batch, shared: int) -> tuple[torch.Tensor, int]:

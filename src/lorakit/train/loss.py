@@ -1,21 +1,19 @@
 """The causal-LM loss: the sum of per-token cross-entropies over the labelled positions, with the
-output head computed only there (models/forward.py)."""
+output head computed only there, in chunks (models/forward.py, models/head_loss.py)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit.data.batches import Batch, collate, sequential_batches
 from lorakit.data.tokenize import TokenizedExample
-from lorakit.models.forward import labelled_logits
+from lorakit.models.head_loss import labelled_loss
 
 
 def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Sum over the batch of the cross-entropy of every labelled token (a 0-d float32 tensor)."""
-    logits, targets = labelled_logits(model, batch)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return labelled_loss(model, batch)
 
 
 @torch.no_grad()
