@@ -199,7 +199,8 @@ def write_bfloat16_steps(train: dict, args: argparse.Namespace) -> None:
               f"both sides (adapters float32), backward outside it, AdamW; {args.trials} alternating child "
               f"processes x {args.steps} steps. QA-LoRA de-quantizes the 4-bit weights in forward and again in "
               "backward; autocast then multiplies in bfloat16 on both sides. LoRA's float32 base is held in "
-              "bfloat16 for the run, as lorakit train holds it (its memory counts those copies).",
+              "bfloat16 for the run, as lorakit train holds it (its memory counts those copies). Both in the "
+              "allocator policy of the lorakit command (freed memory kept: src/lorakit/process_memory.py).",
     )
     print(path.read_text())
 
@@ -218,6 +219,11 @@ def main() -> None:
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        from lorakit.process_memory import keep_freed_memory
+
+        # Both variants in the allocator policy `lorakit train` runs in: de-quantizing allocates every
+        # layer's weight twice a step, which glibc's default maps afresh each time.
+        keep_freed_memory()
         print(json.dumps(train_worker(args.worker, args)))
         return
 
@@ -257,7 +263,8 @@ def main() -> None:
               f"{args.batch} orders examples, forward + backward + AdamW, {args.trials} alternating child processes x "
               f"{args.steps} steps; QA-LoRA trains {train['qalora']['trainable']:,} adapter parameters (its A is "
               f"(r, in/32)), LoRA {train['lora']['trainable']:,}. Training de-quantizes the 4-bit weights in forward and again in "
-              "backward (float32, exact). Inference with the int4 kernel computes x W^T from the packed codes in "
+              "backward (float32, exact); both variants in the lorakit command's allocator policy (freed memory "
+              "kept: src/lorakit/process_memory.py). Inference with the int4 kernel computes x W^T from the packed codes in "
               "bfloat16 (activations rounded to bfloat16, float32 accumulation); the de-quantizing path is the "
               "exact float32 reference. "
               f"Decoding: {args.trials} interleaved runs each, best kept; batch 16 is 16 copies of one prompt.",

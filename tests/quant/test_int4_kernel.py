@@ -106,3 +106,19 @@ def test_the_weight_matches_the_quantizer_grid_it_came_from():
     exact = layer.quantized.dequantize()
     step = layer.scales.float().repeat_interleave(32, dim=1)
     assert ((read_back - exact).abs() <= step / 16 + exact.abs() / 128).all()  # within bf16, far below a step
+
+
+def test_under_autocast_it_multiplies_the_weight_autocast_would_make_of_the_float32_one():
+    """De-quantized straight to bfloat16: the same output, forward and backward, as the float32 weight
+    cast by autocast."""
+    layer = _layer()
+    x = torch.randn(6, 128, requires_grad=True)
+    grad_out = torch.randn(6, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        expected = _exact(layer, x)  # the float32 weight, cast by autocast
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, expected)
+    grad = torch.autograd.grad(y, x, grad_out.to(y.dtype))[0]
+    expected_grad = torch.autograd.grad(expected, x, grad_out.to(y.dtype))[0]
+    assert torch.equal(grad, expected_grad)

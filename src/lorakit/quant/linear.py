@@ -49,7 +49,7 @@ class QuantLinear(nn.Module):
             return _DequantizedLinear.apply(x, self.quantized, self.bias)
         kernel = None if torch.is_grad_enabled() else self.kernel_weight(x.device)
         if kernel is None:
-            return F.linear(x, self.quantized.dequantize(x.dtype), self.bias)
+            return F.linear(x, self.quantized.dequantize(product_dtype(x)), self.bias)
         y = kernel.matmul(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -68,6 +68,16 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}, mins={str(self.mins.dtype).removeprefix('torch.')}")
 
 
+def product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x W~^T is multiplied in: autocast's where it is on (float64 aside, which autocast
+    leaves), else x's. De-quantizing straight to it gives the weight autocast would make of a float32
+    one (dequantize rounds once), without writing that float32 weight first and casting it after."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 class _DequantizedLinear(torch.autograd.Function):
     """x W~^T + b with the gradient for x only (W~ and b are frozen). Backward de-quantizes W~
     again instead of keeping it from forward: training then holds the packed weights, never a
@@ -76,7 +86,7 @@ class _DequantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight = weight  # packed codes, scales and mins: the buffers themselves, nothing copied
-        return F.linear(x, weight.dequantize(x.dtype), bias)
+        return F.linear(x, weight.dequantize(product_dtype(x)), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
