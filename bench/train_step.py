@@ -18,6 +18,10 @@ in use above the loaded model, as lorakit / PEFT ratios; writes bench/results/tr
 ``compute_dtype``; for PEFT, the mixed precision its docs recommend): matrix products in bfloat16,
 weights and adapters in float32, backward outside autocast; writes train_step_<device>_bfloat16.md.
 
+``--kept-memory`` runs both sides in the allocator policy of the ``lorakit`` command (freed memory
+kept for reuse, src/lorakit/process_memory.py) instead of glibc's default; writes
+train_step_<device>[_bfloat16]_kept.md.
+
 With --dora: DoRA's cost, three workers in one run: lorakit's plain LoRA, lorakit's DoRA and PEFT's
 DoRA (same settings plus use_dora); writes bench/results/train_step_dora_<device>.md.
 """
@@ -127,17 +131,25 @@ def main() -> None:
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the forward's matrix products, on both sides (autocast)")
     parser.add_argument("--dora", action="store_true", help="DoRA's step: lorakit LoRA, lorakit DoRA, PEFT DoRA")
+    parser.add_argument("--kept-memory", action="store_true",
+                        help="both sides in the lorakit command's allocator policy (freed memory kept)")
     parser.add_argument("--worker", choices=LIBRARIES + DORA_WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.dora and args.compute_dtype != "float32" and not args.worker:
-        parser.error("--dora measures float32 steps only; leave out --compute-dtype")
+    if args.dora and (args.compute_dtype != "float32" or args.kept_memory) and not args.worker:
+        parser.error("--dora measures float32 steps in glibc's default policy only; leave out --compute-dtype "
+                     "and --kept-memory")
     if args.worker:
+        if args.kept_memory:
+            from lorakit.process_memory import keep_freed_memory
+
+            keep_freed_memory()
         print(json.dumps(worker(args.worker, args)))
         return
 
     results = alternate_workers(__file__, DORA_WORKERS if args.dora else LIBRARIES, args.trials,
                                 ["--steps", str(args.steps), "--batch", str(args.batch), "--device", args.device,
-                                 "--base", args.base, "--compute-dtype", args.compute_dtype])
+                                 "--base", args.base, "--compute-dtype", args.compute_dtype]
+                                + (["--kept-memory"] if args.kept_memory else []))
     if args.dora:
         return dora_report(results, args)
 
@@ -162,10 +174,11 @@ def main() -> None:
     bf16 = args.compute_dtype != "float32"
     command = (f"python bench/train_step.py --trials {args.trials} --steps {args.steps} --batch {args.batch} "
                f"--device {args.device}" + (f" --base {args.base}" if args.base != "smollm2" else "")
-               + (f" --compute-dtype {args.compute_dtype}" if bf16 else ""))
+               + (f" --compute-dtype {args.compute_dtype}" if bf16 else "")
+               + (" --kept-memory" if args.kept_memory else ""))
     model = "SmolLM2-135M-Instruct" if args.base == "smollm2" else Path(args.base).name
     path = write_table(
-        f"train_step_{args.device}" + (f"_{args.compute_dtype}" if bf16 else ""),
+        f"train_step_{args.device}" + (f"_{args.compute_dtype}" if bf16 else "") + ("_kept" if args.kept_memory else ""),
         f"Fine-tuning step: lorakit vs PEFT ({model}, orders task, {args.device}"
         + (f", {args.compute_dtype} products under autocast" if bf16 else "") + ")", command,
         ["library", "median step", "tokens/s", "peak memory above model", "trainable params"], rows,
@@ -173,7 +186,10 @@ def main() -> None:
               f"assistant tokens only); forward + backward + AdamW step; {args.trials} alternating child processes x "
               f"{args.steps} steps each. First-step losses agree within {worst:.1e} relative."
               + (" lorakit holds the frozen linear weights in the compute dtype for the run, as lorakit train "
-                 "does (its memory counts those copies); PEFT's are cast by autocast at every use." if bf16 else ""),
+                 "does (its memory counts those copies); PEFT's are cast by autocast at every use." if bf16 else "")
+              + (" Both sides in the lorakit command's allocator policy (freed memory kept for reuse: "
+                 "src/lorakit/process_memory.py); without --kept-memory both run in glibc's default."
+                 if args.kept_memory else " Both sides in glibc's default allocator policy."),
     )
     print(path.read_text())
 
