@@ -95,3 +95,14 @@ def test_a_trained_head_takes_the_plain_path_and_gets_its_gradient():
     head.weight.grad = None
     _plain_loss(model, batch).backward()
     torch.testing.assert_close(expected, head.weight.grad)
+
+
+def test_a_batch_without_labelled_tokens_has_zero_loss_and_takes_part_in_backward():
+    model = _model()
+    batch = collate([TokenizedExample([5, 6, 7, 8], [IGNORE] * 4)], pad_id=0)
+    loss = labelled_loss(model, batch)
+    assert float(loss.detach()) == 0.0
+    (loss * 0.5).backward()  # a process with an empty share still runs backward
+    assert all(float(p.grad.abs().sum()) == 0.0 for p in lorakit.lora_parameters(model))
+    total, predicted, targets = labelled_scores(model, batch)
+    assert float(total) == 0.0 and predicted.numel() == 0 and targets.numel() == 0
