@@ -89,9 +89,12 @@ def _fusable(head: nn.Module) -> bool:
 
 
 def _product_dtype(hidden: torch.Tensor) -> torch.dtype:
-    """The dtype the head's product runs in: autocast's where it is on, else the hidden states'."""
+    """The dtype the head's product runs in: autocast's where it is on (float64 aside, which autocast
+    leaves), else the hidden states'."""
     device = hidden.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    if torch.is_autocast_enabled(device) and hidden.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
