@@ -40,7 +40,8 @@ def measured(command: list[str], keep: str) -> dict:
     child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen does not wait for it again
+    if child.returncode != 0:
         raise SystemExit(f"failed: {' '.join(command)} (run it alone to see why)")
     return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "faults": usage.ru_minflt,
             "rss_mib": usage.ru_maxrss / 1024}

@@ -24,6 +24,7 @@ from torch import nn
 
 from lorakit.data.batches import Batch
 from lorakit.models.forward import labelled_states
+from lorakit.quant.linear import product_dtype
 
 # Logits per chunk: 2^21 float32 values (8 MiB), 42 rows of a 49,152-entry vocabulary.
 CHUNK_ELEMENTS = 2**21
@@ -36,7 +37,7 @@ def labelled_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(states.float(), targets, reduction="sum")
     if not _fusable(head):
         return F.cross_entropy(head(states).float(), targets, reduction="sum")
-    return _HeadCrossEntropy.apply(states, head.weight, targets, _product_dtype(states))
+    return _HeadCrossEntropy.apply(states, head.weight, targets, product_dtype(states))
 
 
 @torch.no_grad()
@@ -47,7 +48,7 @@ def labelled_scores(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch
     if head is None or not _fusable(head):
         logits = states if head is None else head(states)
         return F.cross_entropy(logits.float(), targets, reduction="sum"), logits.argmax(dim=-1), targets
-    weight = head.weight.to(_product_dtype(states))
+    weight = head.weight.to(product_dtype(states))
     total = torch.zeros((), dtype=torch.float32, device=states.device)
     predicted = [targets[:0]]
     for rows in _chunks(states.shape[0], weight.shape[0]):
@@ -86,15 +87,6 @@ class _HeadCrossEntropy(torch.autograd.Function):
 def _fusable(head: nn.Module) -> bool:
     """A plain, frozen linear head: lorakit's own layers (LoRA on the head) and trained heads are not."""
     return type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
-
-
-def _product_dtype(hidden: torch.Tensor) -> torch.dtype:
-    """The dtype the head's product runs in: autocast's where it is on (float64 aside, which autocast
-    leaves), else the hidden states'."""
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device) and hidden.dtype != torch.float64:
-        return torch.get_autocast_dtype(device)
-    return hidden.dtype
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
