@@ -9,16 +9,19 @@ embedded GGUF's Q4_1 blocks: 4 bits, groups of 32):
    measurement, the two alternating, so noise hits both alike;
 3. greedy decoding speed (32 new tokens, batch 1 and batch 16) of the 4-bit model with a QA-LoRA
    adapter merged (still 4-bit) with the int4 kernel and on the de-quantizing path, the same
-   unmerged, and the float32 model with a LoRA adapter merged;
+   unmerged, and the float32 model with a LoRA adapter merged (on a CPU that emulates bfloat16,
+   also the kernel for prompt passes, which there de-quantize instead);
 4. with --parity-adapter DIR (a QA-LoRA adapter trained on orders): its merged model's greedy answers
    to data/orders/test.jsonl with the int4 kernel against the de-quantizing path.
 
     python bench/qalora.py [--trials 3] [--steps 4] [--batch 8] [--device cpu] [--parity-adapter DIR]
     python bench/qalora.py --compute-dtype bfloat16
+    python bench/qalora.py --decode-only [--parity-adapter DIR]
 
 Writes bench/results/qalora_<device>.md. ``--compute-dtype bfloat16`` measures the training step only,
 both sides' forward under the same bfloat16 autocast (``lorakit train``'s ``compute_dtype``); writes
-qalora_<device>_bfloat16.md.
+qalora_<device>_bfloat16.md. ``--decode-only`` measures 3 and 4 only, naming the CPU's instruction
+set; writes qalora_<device>_decode.md.
 """
 
 from __future__ import annotations
@@ -127,6 +130,8 @@ def decode_speeds(device: torch.device, runs: int, batch: int, new_tokens: int =
     """Greedy tokens/s (all rows together), best of ``runs``, for the inference variants, interleaved."""
     import lorakit
     from lorakit.generation.prompts import chat_prompt
+    from lorakit.hardware import native_bfloat16
+    from lorakit.quant import int4_kernel
     from lorakit.quant.linear import use_int4_kernel
 
     qalora, tokenizer = _model("qalora", device)
@@ -140,22 +145,29 @@ def decode_speeds(device: torch.device, runs: int, batch: int, new_tokens: int =
     lorakit.merge(lora.eval())
     variants = {KERNEL: merged_4bit, EXACT: merged_exact, "4-bit + QA-LoRA unmerged, int4 kernel": qalora,
                 FLOAT: lora}
+    if not native_bfloat16(device):  # where the kernel leaves prompt passes to de-quantizing: the kernel for all
+        variants[KERNEL_EVERYWHERE] = merged_4bit
     prompt = chat_prompt(tokenizer, [{"role": "user", "content": PROMPT}])
     ids = tokenizer([prompt] * batch, return_tensors="pt").input_ids.to(device)
     best = dict.fromkeys(variants, float("inf"))
+    max_rows = int4_kernel.EMULATED_BFLOAT16_MAX_ROWS
     with torch.no_grad():
         for _ in range(runs):
             for name, model in variants.items():
+                int4_kernel.EMULATED_BFLOAT16_MAX_ROWS = sys.maxsize if name == KERNEL_EVERYWHERE else max_rows
                 _sync(device)
                 start = time.perf_counter()
                 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
                 _sync(device)
                 best[name] = min(best[name], time.perf_counter() - start)
+    int4_kernel.EMULATED_BFLOAT16_MAX_ROWS = max_rows
     return {name: batch * new_tokens / seconds for name, seconds in best.items()}
 
 
 KERNEL = "4-bit, QA-LoRA merged, int4 kernel"
+# Only where the CPU emulates bfloat16: the kernel for prompt passes too, as before 2026-12-02.
+KERNEL_EVERYWHERE = "4-bit, QA-LoRA merged, int4 kernel at every row count"
 EXACT = "4-bit, QA-LoRA merged, de-quantizing path"
 FLOAT = "float32 + LoRA, merged"
 
@@ -205,6 +217,46 @@ def write_bfloat16_steps(train: dict, args: argparse.Namespace) -> None:
     print(path.read_text())
 
 
+def inference_rows(args: argparse.Namespace) -> list[list[str]]:
+    """Decoding speeds at batch 1 and 16 against the float32 model, and with --parity-adapter its answers."""
+    rows = []
+    for batch in (1, 16):
+        by_name = decode_speeds(torch.device(args.device), args.trials, batch)
+        rows += [[f"greedy decoding, batch {batch}: {name}", f"{tps:.1f} tok/s",
+                  f"{FLOAT}: {by_name[FLOAT]:.1f} tok/s", f"**{tps / by_name[FLOAT]:.2f}x**"]
+                 for name, tps in by_name.items() if name != FLOAT]
+    if args.parity_adapter is not None:
+        parity = answer_parity(args.parity_adapter)
+        rows.append([(f"greedy answers to the {parity['n']} orders test prompts, {args.parity_adapter} merged: "
+                      "int4 kernel vs de-quantizing path"), f"same answer on {parity['same']} of {parity['n']}",
+                     f"exact match: kernel {parity['kernel']:.1%}, de-quantizing {parity['exact']:.1%}",
+                     f"**{parity['same'] / parity['n']:.3f}**"])
+    return rows
+
+
+def write_inference(args: argparse.Namespace) -> None:
+    """--decode-only: the inference rows alone, with the CPU's instruction set named."""
+    from lorakit.hardware import native_bfloat16
+
+    device = torch.device(args.device)
+    command = f"python bench/qalora.py --decode-only --trials {args.trials} --device {args.device}"
+    if args.parity_adapter is not None:
+        command += f" --parity-adapter {args.parity_adapter}"
+    isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else device.type
+    path = write_table(
+        f"qalora_{args.device}_decode", f"4-bit merged QA-LoRA model vs float32, inference ({args.device}, {isa})",
+        command, ["measured", "value", "compared with", "ratio"], inference_rows(args),
+        notes=f"PyTorch's CPU capability: {isa}; bfloat16 multiplied in hardware: "
+              f"{'yes' if native_bfloat16(device) else 'no (emulated)'}. The int4 kernel computes x W^T from the "
+              "packed codes in bfloat16 (float32 accumulation); where bfloat16 is emulated, inputs of more than "
+              "int4_kernel.EMULATED_BFLOAT16_MAX_ROWS rows (prompt passes) de-quantize instead, and the row 'at "
+              "every row count' is the kernel for those too (before 2026-12-02). Decoding: the same short prompt, "
+              f"32 new tokens, prompt pass included, {args.trials} interleaved runs each, best kept; batch 16 is 16 "
+              "copies of the prompt.",
+    )
+    print(path.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=3, help="training child processes per variant, alternating")
@@ -216,8 +268,13 @@ def main() -> None:
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the training forward's matrix products, on both sides (autocast); bfloat16 measures "
                         "the training step only")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="inference alone (decoding speeds; answers with --parity-adapter): qalora_<device>_decode.md")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.decode_only:
+        write_inference(args)
+        return
     if args.worker:
         from lorakit.process_memory import keep_freed_memory
 
@@ -239,20 +296,9 @@ def main() -> None:
         write_bfloat16_steps(train, args)
         return
     memory = linear_memory()
-    speeds = {batch: decode_speeds(torch.device(args.device), args.trials, batch) for batch in (1, 16)}
-
     rows = [[f"linear weights, {spec}", packed, f"float32: {dense}", ratio] for spec, packed, dense, ratio in memory]
     rows.append(_step_row(train, "training step, QA-LoRA on the 4-bit base"))
-    for batch, by_name in speeds.items():
-        rows += [[f"greedy decoding, batch {batch}: {name}", f"{tps:.1f} tok/s",
-                  f"{FLOAT}: {by_name[FLOAT]:.1f} tok/s", f"**{tps / by_name[FLOAT]:.2f}x**"]
-                 for name, tps in by_name.items() if name != FLOAT]
-    if args.parity_adapter is not None:
-        parity = answer_parity(args.parity_adapter)
-        rows.append([(f"greedy answers to the {parity['n']} orders test prompts, {args.parity_adapter} merged: "
-                      "int4 kernel vs de-quantizing path"), f"same answer on {parity['same']} of {parity['n']}",
-                     f"exact match: kernel {parity['kernel']:.1%}, de-quantizing {parity['exact']:.1%}",
-                     f"**{parity['same'] / parity['n']:.3f}**"])
+    rows += inference_rows(args)
     command = f"python bench/qalora.py --trials {args.trials} --steps {args.steps} --batch {args.batch} --device {args.device}"
     if args.parity_adapter is not None:
         command += f" --parity-adapter {args.parity_adapter}"

@@ -6,8 +6,13 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.quant import int4_kernel
 from lorakit.quant.groupwise import quantize_weight
-from lorakit.quant.int4_kernel import Int4Packed, kernel_available
+from lorakit.quant.int4_kernel import (
+    EMULATED_BFLOAT16_MAX_ROWS,
+    Int4Packed,
+    kernel_available,
+)
 from lorakit.quant.linear import QuantLinear, quantize_linears, use_int4_kernel
 
 CPU = torch.device("cpu")
@@ -38,6 +43,18 @@ def test_the_kernel_computes_the_same_weights_in_bfloat16(group_size, bias):
     wrong_zero.scale_and_zero[..., 1] -= 8 * wrong_zero.scale_and_zero[..., 0]  # the min taken for the zero
     with torch.no_grad():
         assert (wrong_zero.matmul(x) - exact).norm() / exact.norm() > 10 * error
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_where_bfloat16_is_emulated_a_prompt_pass_de_quantizes_and_decoding_takes_the_kernel(native, monkeypatch):
+    monkeypatch.setattr(int4_kernel, "native_bfloat16", lambda device: native)
+    layer = _layer().eval()
+    decoding, prompt = torch.randn(EMULATED_BFLOAT16_MAX_ROWS, 1, 128), torch.randn(2, EMULATED_BFLOAT16_MAX_ROWS, 128)
+    with torch.no_grad():
+        kernel = layer.kernel_weight(CPU)
+        assert torch.equal(layer(decoding), kernel.matmul(decoding) + layer.bias)
+        assert torch.equal(layer(prompt), (kernel.matmul(prompt) + layer.bias) if native else _exact(layer, prompt))
+        assert not torch.equal(kernel.matmul(prompt), _exact(layer, prompt) - layer.bias)  # the two paths differ
 
 
 def test_only_4_bit_groups_the_kernel_takes_use_it():

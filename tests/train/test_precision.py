@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from lorakit.errors import ConfigError
+from lorakit.hardware import X86_MACHINES, native_bfloat16
 from lorakit.train.config import TrainConfig
 from lorakit.train.precision import (
     PLAIN_ATTENTION_MAX_KEYS,
-    X86_MACHINES,
     compute_context,
-    native_bfloat16,
     resolved_compute_dtype,
 )
 

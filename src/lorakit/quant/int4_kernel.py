@@ -22,9 +22,17 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.hardware import native_bfloat16
 from lorakit.quant.groupwise import QuantizedWeight, codes_as
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+# On a CPU that emulates bfloat16 (AVX2 alone), rows of x up to which the kernel is faster than
+# de-quantizing once and multiplying in float32. There the kernel's time grows with every row (it
+# works through the codes again for each: ~36 us a row for 576 x 576), while one de-quantization
+# serves them all: the two cross at 52-60 rows on SmolLM2's shapes (576 -> 576, 576 -> 1536,
+# 1536 -> 576) and at 50-64 rows for a whole SmolLM2 forward (AMD EPYC without AVX-512,
+# 2026-12-02); at 512 rows the kernel took 1.5x (forward) to 2x (one layer) as long.
+EMULATED_BFLOAT16_MAX_ROWS = 56
 # Groups of inner-K tiles the CPU packing interleaves; the CPU kernel reads any of them alike.
 _INNER_K_TILES = 2
 
@@ -34,6 +42,12 @@ def kernel_available(weight: QuantizedWeight, device: torch.device) -> bool:
     return (device.type == "cpu" and weight.bits == 4 and weight.group_size in KERNEL_GROUP_SIZES
             and weight.shape[0] % 16 == 0  # the packing takes output rows 16 at a time
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+
+def kernel_pays(rows: int, device: torch.device) -> bool:
+    """Whether the kernel beats de-quantizing for an x of ``rows`` rows: always where the CPU
+    multiplies bfloat16 in hardware, else for decoding-sized inputs only (a prompt pass de-quantizes)."""
+    return rows <= EMULATED_BFLOAT16_MAX_ROWS or native_bfloat16(device)
 
 
 @dataclass

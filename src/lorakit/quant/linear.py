@@ -1,5 +1,6 @@
 """A Linear layer over a group-wise quantized weight: 4-bit layers compute with the int4 kernel
-(int4_kernel.py) where it exists when no gradient is taken; every other case de-quantizes on the fly."""
+(int4_kernel.py) where it exists and pays when no gradient is taken; every other case de-quantizes
+on the fly."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.quant.groupwise import QuantizedWeight, quantize_weight
-from lorakit.quant.int4_kernel import Int4Packed, kernel_available
+from lorakit.quant.int4_kernel import Int4Packed, kernel_available, kernel_pays
 
 
 class QuantLinear(nn.Module):
     """y = x W~^T + b, W~ = scale * q + min per group; codes, scales and mins are buffers (frozen).
 
     Without autograd (inference), ``use_kernel`` (default True) lets forward use the int4 kernel
-    where it exists (bfloat16 arithmetic); False keeps the exact de-quantizing path, the float32
-    reference. With autograd (training) forward always de-quantizes: trained with the kernel's
+    where it exists (bfloat16 arithmetic) and is the faster way for this many rows (``kernel_pays``:
+    on a CPU that emulates bfloat16, a prompt pass de-quantizes); False keeps the exact
+    de-quantizing path, the float32 reference. With autograd (training) forward always de-quantizes: trained with the kernel's
     bfloat16 forward, the orders QA-LoRA adapter scored 70.0% instead of 75.5% (docs/ARCHITECTURE.md).
     The kernel's copy of the weight is built on first use and rebuilt whenever codes, scales or mins
     change (a merge shifts the mins) or move."""
@@ -47,7 +49,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _DequantizedLinear.apply(x, self.quantized, self.bias)
-        kernel = None if torch.is_grad_enabled() else self.kernel_weight(x.device)
+        rows = x.numel() // self.in_features
+        kernel = None if torch.is_grad_enabled() or not kernel_pays(rows, x.device) else self.kernel_weight(x.device)
         if kernel is None:
             return F.linear(x, self.quantized.dequantize(product_dtype(x)), self.bias)
         y = kernel.matmul(x)

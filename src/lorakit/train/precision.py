@@ -14,31 +14,16 @@ rows of 160 keys, against the fused kernel's 1.8 MiB."""
 from __future__ import annotations
 
 import contextlib
-import platform
 from collections.abc import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lorakit.hardware import native_bfloat16
+
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 # The longest key length at which the plain attention kernel runs under half precision on a CPU.
 PLAIN_ATTENTION_MAX_KEYS = 160
-X86_MACHINES = ("x86_64", "amd64", "i386", "i686")
-
-
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices in hardware."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    if platform.machine().lower() in X86_MACHINES:
-        # oneDNN's own test (mkldnn._is_mkldnn_bf16_supported) passes on any AVX-512 CPU, where it
-        # emulates bfloat16: on an Intel Xeon without AVX512-BF16 a training step took 2.9x
-        # float32's time (bench/bf16_cpu.py). Only these two instruction sets multiply it natively.
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    # Arm: oneDNN's test is the CPU's BF16 extension itself.
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def resolved_compute_dtype(name: str, device: torch.device) -> str:
