@@ -18,8 +18,9 @@ class QuantLinear(nn.Module):
     Without autograd (inference), ``use_kernel`` (default True) lets forward use the int4 kernel
     where it exists (bfloat16 arithmetic) and is the faster way for this many rows (``kernel_pays``:
     on a CPU that emulates bfloat16, a prompt pass de-quantizes); False keeps the exact
-    de-quantizing path, the float32 reference. With autograd (training) forward always de-quantizes: trained with the kernel's
-    bfloat16 forward, the orders QA-LoRA adapter scored 70.0% instead of 75.5% (docs/ARCHITECTURE.md).
+    de-quantizing path, the float32 reference. With autograd (training) forward always
+    de-quantizes: trained with the kernel's bfloat16 forward, the orders QA-LoRA adapter scored
+    70.0% instead of 75.5% (docs/ARCHITECTURE.md).
     The kernel's copy of the weight is built on first use and rebuilt whenever codes, scales or mins
     change (a merge shifts the mins) or move."""
 
