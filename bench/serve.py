@@ -12,7 +12,9 @@ the adapter's float32), so the comparison stays like for like. Decode throughput
 of steps 2..N over their time: each configuration runs once for 1 new token (prompt pass) and once
 for N, alternating between configurations within each trial, and the difference is decoding.
 Ratios are the median over trials of each trial's ratio of two runs made one after the other.
-Also the time to load one adapter from its files into the running model, lorakit vs PEFT.
+Also the time to load one adapter from its files into the running model, lorakit vs PEFT. Both
+run in this process under the allocator policy of ``lorakit serve`` (freed memory kept, large
+tensors on transparent huge pages: src/lorakit/process_memory.py).
 
     python bench/serve.py [--trials 7] [--tokens 65] [--device cpu] [--rank 16] [--dtype float32]
 """
@@ -84,6 +86,8 @@ def main() -> None:
                         help="the base models' dtype, on both sides (adapters stay float32)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    from lorakit.process_memory import keep_freed_memory
+    keep_freed_memory()  # the allocator policy `lorakit serve` runs under, before the first large tensor
 
     from peft import PeftModel
 
@@ -171,7 +175,8 @@ def main() -> None:
               f"throughput excludes the prompt pass; {args.trials} trials, order reversed every other one. Ratios: median "
               f"of each trial's ratio of two runs made one after the other (mixed / one adapter ranged "
               f"{min(versus_single):.2f}x to {max(versus_single):.2f}x). Greedy tokens identical between "
-              f"lorakit and PEFT for {same}/{ADAPTERS} requests. Load time: median over the 16 adapters.")
+              f"lorakit and PEFT for {same}/{ADAPTERS} requests. Load time: median over the 16 adapters. Both in "
+              "one process under `lorakit serve`'s allocator policy (freed memory kept: src/lorakit/process_memory.py).")
     print(path.read_text())
 
 
