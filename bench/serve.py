@@ -4,7 +4,9 @@ Three ways to decode the same 16 prompts (orders test messages in SmolLM2's chat
 same number of tokens, greedy, on the embedded SmolLM2-135M-Instruct:
 - lorakit, mixed: the serving engine, each request on its own adapter (rows grouped by adapter);
 - PEFT, mixed: ``generate(..., adapter_names=[...])``, PEFT's mixed-adapter batch;
-- lorakit, one adapter: the engine with all 16 requests on the same adapter.
+- lorakit, one adapter: the engine with all 16 requests on the same adapter;
+- the same with the base weights unpacked: the engine multiplies with F.linear (MKL) instead of
+  its packed oneDNN copy of the float32 weights (``--no-packed-weights``; models/packed_weights.py).
 The adapters are 16 random adapters (r=16 unless --rank) on all linear layers. ``--dtype bfloat16``
 puts both base models in bfloat16 (as ``lorakit serve --dtype bfloat16`` does); the adapters stay
 float32 on both sides (PEFT casts the input to the adapter's dtype, lorakit computes the LoRA term in
@@ -136,11 +138,21 @@ def main() -> None:
 
     mixed, peft_mixed, single = ("lorakit, 16 adapters mixed", "PEFT, 16 adapters mixed (adapter_names)",
                                  "lorakit, 16 requests on one adapter")
+    unpacked = "lorakit, 16 requests on one adapter, weights not packed (--no-packed-weights)"
     configs = {  # run in this order, then reversed: lorakit mixed always runs next to each of the others
         peft_mixed: peft_run,
         mixed: lambda n: lorakit_run(names, n),
         single: lambda n: lorakit_run([names[0]] * ADAPTERS, n),
     }
+    if engine.packed.nbytes:  # packing applies (a float32 base on a CPU with oneDNN): the same on a copy without
+        plain, _ = load_base(args.base)
+        plain_registry = AdapterRegistry(plain.to(device, dtype).eval())
+        plain_engine = Engine(plain, tokenizer, max_batch=ADAPTERS, prepare=plain_registry.acquire,
+                              release=plain_registry.release, packed_weights=False)
+        plain_engine.eos_ids = set()
+        plain_registry.register(names[0], paths[0])
+        configs[unpacked] = lambda n: plain_engine.generate(batch, [names[0]] * ADAPTERS,
+                                                            SamplingParams(max_tokens=n, temperature=0))
     for run in configs.values():  # warm-up
         run(2)
     decode = {name: [] for name in configs}
@@ -159,9 +171,13 @@ def main() -> None:
         return [n / d for n, d in zip(decode[numerator], decode[denominator], strict=True)]
 
     versus_peft, versus_single = ratios(mixed, peft_mixed), ratios(mixed, single)
-    rows = [[name, f"{statistics.median(decode[name]):,.0f}"] for name in (mixed, peft_mixed, single)]
+    rows = [[name, f"{statistics.median(decode[name]):,.0f}"] for name in configs]
     rows += [["**lorakit mixed / PEFT mixed**", f"**{statistics.median(versus_peft):.2f}x**"],
-             ["**lorakit mixed / lorakit one adapter**", f"**{statistics.median(versus_single):.2f}x**"],
+             ["**lorakit mixed / lorakit one adapter**", f"**{statistics.median(versus_single):.2f}x**"]]
+    if unpacked in configs:
+        rows.append(["**lorakit one adapter, packed / not packed weights**",
+                     f"**{statistics.median(ratios(single, unpacked)):.2f}x**"])
+    rows += [
              [f"adapter load (r={args.rank}, all linear), lorakit", f"{statistics.median(lorakit_load):.0f} ms"],
              [f"adapter load (r={args.rank}, all linear), PEFT load_adapter",
               f"{1000 * statistics.median(peft_load[1:]):.0f} ms"]]
@@ -175,7 +191,9 @@ def main() -> None:
               f"throughput excludes the prompt pass; {args.trials} trials, order reversed every other one. Ratios: median "
               f"of each trial's ratio of two runs made one after the other (mixed / one adapter ranged "
               f"{min(versus_single):.2f}x to {max(versus_single):.2f}x). Greedy tokens identical between "
-              f"lorakit and PEFT for {same}/{ADAPTERS} requests. Load time: median over the 16 adapters. Both in "
+              f"lorakit and PEFT for {same}/{ADAPTERS} requests. lorakit's engine multiplies by a packed oneDNN copy of the "
+              f"float32 base weights where it can (PEFT, and the 'not packed' row, by the weights themselves through "
+              f"F.linear). Load time: median over the 16 adapters. Both in "
               "one process under `lorakit serve`'s allocator policy (freed memory kept: src/lorakit/process_memory.py).")
     print(path.read_text())
 

@@ -43,3 +43,15 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(None)
     # mallopt returns 1 on success, 0 on a value it refuses.
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give without swapping (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

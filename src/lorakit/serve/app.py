@@ -506,9 +506,11 @@ def _usage(final: Event) -> dict:
 def start_service(model, tokenizer, adapters: dict[str, Path], tenants: Tenants | None = None,
                   adapter_root: Path | None = None, limits: Limits = Limits(), max_batch: int = 32,
                   max_waiting: int = 256, adapter_budget_bytes: int = 1 << 30, max_rank: int = 256,
-                  served_name: str | None = None, admin_key: str | None = None) -> Service:
-    """A Service over ``model`` with ``adapters`` (name -> directory) registered and its engine running."""
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_waiting=max_waiting)
+                  served_name: str | None = None, admin_key: str | None = None,
+                  packed_weights: bool = True) -> Service:
+    """A Service over ``model`` with ``adapters`` (name -> directory) registered and its engine running
+    (``packed_weights``: see Engine)."""
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_waiting=max_waiting, packed_weights=packed_weights)
     registry = AdapterRegistry(model, adapter_budget_bytes, max_rank, lock=engine.lock)
     metrics = Metrics(lambda: engine.running, lambda: engine.waiting, lambda: registry.loaded_count,
                       lambda: registry.loaded_bytes)
