@@ -48,3 +48,15 @@ def test_the_opt_out_leaves_glibcs_default_which_faults_a_large_block_in_again()
     # glibc maps a block above its mmap threshold (at most 32 MiB) afresh each time: thousands of
     # faults (4 KiB pages), or 32 if the kernel backs it with 2 MiB pages.
     assert faults >= 32
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads Linux's /proc/meminfo")
+def test_available_memory_is_at_most_the_machine_s_and_falls_when_a_block_is_written():
+    from lorakit.process_memory import available_memory_bytes
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    before = available_memory_bytes()
+    assert 0 < before <= total
+    block = b"\x01" * (256 << 20)  # every page written
+    assert available_memory_bytes() < before
+    del block

@@ -250,3 +250,29 @@ def test_json_object_requests_are_constrained_and_the_others_in_their_batch_are_
         engine.step()
     assert [_follows_constraint(tokenizer, r.ids) for r in requests] == [True, True, False, True]
     assert requests[2].ids == _alone(model, prompts[2], "tenant0", 12)  # the unconstrained row is untouched
+
+
+def test_the_engine_packs_float32_weights_while_it_runs_and_decodes_the_same_tokens(tiny_base_dir):
+    from lorakit.commands.serve import _packed_note
+    from lorakit.models.packed_weights import packing_available
+
+    if not packing_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    model = LlamaForCausalLM.from_pretrained(tiny_base_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+    for name in ADAPTERS[:2]:
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=4, target_modules="all-linear"), name=name)
+    randomize_adapters(model, std=0.3)
+    prompts, adapters = _prompts(tokenizer, 4), [ADAPTERS[0], ADAPTERS[0], ADAPTERS[1], None]
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    plain = Engine(model, tokenizer, packed_weights=False)
+    expected = plain.generate(prompts, adapters, greedy)
+    assert _packed_note(plain) == ""
+
+    engine = Engine(model, tokenizer)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert engine.packed.nbytes == sum(m.weight.numel() * 4 for m in linears)
+    assert "MiB packed for oneDNN" in _packed_note(engine)
+    assert engine.generate(prompts, adapters, greedy) == expected
+    engine.stop()
+    assert engine.packed.nbytes == 0 and not any("forward" in vars(m) for m in model.modules())

@@ -60,8 +60,8 @@ def register(commands) -> None:
     serve.add_argument("--exact-4bit", action="store_true", help=EXACT_4BIT_HELP)
     serve.add_argument("--no-packed-weights", dest="packed_weights", action="store_false",
                        help="keep a float32 base's linear weights in one copy only. By default, on a CPU, they get a "
-                       "second copy in oneDNN's blocked layout, whose products decode faster (16 requests: ~1.2x "
-                       "on a 2-core AMD EPYC, bench/serve.py) for the weights' memory once more")
+                       "second copy in oneDNN's blocked layout, whose products decode faster (16 requests: 1.35x "
+                       "on a 2-core AMD EPYC, bench/results/serve_cpu.md) for the weights' memory once more")
     serve.add_argument("--max-connections", type=int, default=256,
                        help="connections open at once; requests beyond them are answered 503")
     serve.add_argument("--receive-timeout", type=finite_float, default=30.0, metavar="S",
