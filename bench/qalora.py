@@ -10,7 +10,8 @@ embedded GGUF's Q4_1 blocks: 4 bits, groups of 32):
 3. greedy decoding speed (32 new tokens, batch 1 and batch 16) of the 4-bit model with a QA-LoRA
    adapter merged (still 4-bit) with the int4 kernel and on the de-quantizing path, the same
    unmerged, and the float32 model with a LoRA adapter merged (on a CPU that emulates bfloat16,
-   also the kernel for prompt passes, which there de-quantize instead);
+   also the kernel for prompt passes, which there de-quantize instead); float32 Linear weights
+   packed for oneDNN as lorakit's generate and eval run them, and the float32 model also without;
 4. with --parity-adapter DIR (a QA-LoRA adapter trained on orders): its merged model's greedy answers
    to data/orders/test.jsonl with the int4 kernel against the de-quantizing path.
 
@@ -131,6 +132,7 @@ def decode_speeds(device: torch.device, runs: int, batch: int, new_tokens: int =
     import lorakit
     from lorakit.generation.prompts import chat_prompt
     from lorakit.hardware import native_bfloat16
+    from lorakit.models.packed_weights import PackedLinearWeights
     from lorakit.quant import int4_kernel
     from lorakit.quant.linear import use_int4_kernel
 
@@ -144,9 +146,12 @@ def decode_speeds(device: torch.device, runs: int, batch: int, new_tokens: int =
     qalora.eval()
     lorakit.merge(lora.eval())
     variants = {KERNEL: merged_4bit, EXACT: merged_exact, "4-bit + QA-LoRA unmerged, int4 kernel": qalora,
-                FLOAT: lora}
+                FLOAT: lora, FLOAT_UNPACKED: copy.deepcopy(lora)}
     if not native_bfloat16(device):  # where the kernel leaves prompt passes to de-quantizing: the kernel for all
         variants[KERNEL_EVERYWHERE] = merged_4bit
+    for name, model in variants.items():  # float32 Linears packed, as lorakit's generate and eval run them
+        if name != FLOAT_UNPACKED:
+            PackedLinearWeights(model)
     prompt = chat_prompt(tokenizer, [{"role": "user", "content": PROMPT}])
     ids = tokenizer([prompt] * batch, return_tensors="pt").input_ids.to(device)
     best = dict.fromkeys(variants, float("inf"))
@@ -170,6 +175,8 @@ KERNEL = "4-bit, QA-LoRA merged, int4 kernel"
 KERNEL_EVERYWHERE = "4-bit, QA-LoRA merged, int4 kernel at every row count"
 EXACT = "4-bit, QA-LoRA merged, de-quantizing path"
 FLOAT = "float32 + LoRA, merged"
+# The float32 model as it ran before lorakit packed float32 weights for oneDNN (2026-12-03): F.linear.
+FLOAT_UNPACKED = "float32 + LoRA, merged, weights not packed (F.linear)"
 
 
 def answer_parity(adapter: Path) -> dict:
@@ -250,7 +257,10 @@ def write_inference(args: argparse.Namespace) -> None:
               f"{'yes' if native_bfloat16(device) else 'no (emulated)'}. The int4 kernel computes x W^T from the "
               "packed codes in bfloat16 (float32 accumulation); where bfloat16 is emulated, inputs of more than "
               "int4_kernel.EMULATED_BFLOAT16_MAX_ROWS rows (prompt passes) de-quantize instead, and the row 'at "
-              "every row count' is the kernel for those too (before 2026-12-02). Decoding: the same short prompt, "
+              "every row count' is the kernel for those too (before 2026-12-02). Every model's float32 Linear "
+              "weights (all of the float32 model's, the 4-bit models' output head) are packed for oneDNN as "
+              "lorakit's generate, eval and serve run them (models/packed_weights.py), except in the row 'not "
+              "packed'. Decoding: the same short prompt, "
               f"32 new tokens, prompt pass included, {args.trials} interleaved runs each, best kept; batch 16 is 16 "
               "copies of the prompt.",
     )

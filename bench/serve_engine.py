@@ -12,7 +12,8 @@ prompt passes included. Three sides: this tree in float32, the
 earlier commit in float32 (the same work: what the code change did), and this tree with the model
 in bfloat16 (`lorakit serve --dtype bfloat16`: other arithmetic, so its tokens are compared too).
 Each side runs in its own child process, its `lorakit` imported from its own source tree (the
-earlier commit checked out in a git worktree), the sides alternating trial by trial.
+earlier commit checked out in a git worktree, which must have src/lorakit/process_memory.py), the
+sides alternating trial by trial, each in `lorakit serve`'s allocator policy.
 
     python bench/serve_engine.py --against HEAD~1 [--trials 4] [--runs 3] [--tokens 65]
 
@@ -40,6 +41,9 @@ ADAPTERS = 16
 def worker(args: argparse.Namespace) -> dict:
     if args.tree is not None:  # this side's lorakit comes from that tree, not the installed one
         sys.path.insert(0, str(Path(args.tree) / "src"))
+    from lorakit.process_memory import keep_freed_memory
+
+    keep_freed_memory()  # `lorakit serve`'s allocator policy, before the first large tensor
     import torch
 
     import lorakit

@@ -9,12 +9,12 @@ core at these sizes. In the serving engine a decoding step of 16 rows went from 
 The reordered weights are the same numbers in another order; products differ from F.linear's in
 the last bits only (a different order of summation), like any other kernel's.
 
-The packed copies sit beside the originals (the linear weights' bytes once more: 540 MiB for
+The packed copies sit beside the originals (the linear weights' bytes once more: 513 MiB for
 SmolLM2, output head included) and follow them: a weight written since its copy was made (a merge,
 a load) is packed again on its next use. Only products without gradients use them; training, other
-dtypes, autocast and other devices compute with F.linear as before. Modules that multiply by their weight
-with ``F.linear`` and nothing else take part: exactly ``nn.Linear`` and lorakit's LoRA Linear (its
-adapters, DoRA's too, stay as they are; only the base product changes kernel).
+dtypes, autocast and other devices compute with F.linear as before. Modules that multiply by their
+weight with ``F.linear`` and nothing else take part: exactly ``nn.Linear`` and lorakit's LoRA
+Linear (its adapters, DoRA's too, stay as they are; only the base product changes kernel).
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def _packable(module: nn.Module) -> bool:
     one could not be noticed: those are left to F.linear. (A weight that trains is packed too: products
     that take gradients never use the copy.)"""
     weight, bias = module.weight, module.bias
-    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and not weight.is_inference() and (bias is None or bias.dtype == torch.float32))
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and not weight.is_inference()
+            and (bias is None or bias.dtype == torch.float32))
 
 
 class _Pack:
