@@ -1,6 +1,6 @@
 """Serving many adapters: decode throughput of one batch of 16 requests on 16 different adapters.
 
-Three ways to decode the same 16 prompts (orders test messages in SmolLM2's chat template) for the
+Ways to decode the same 16 prompts (orders test messages in SmolLM2's chat template) for the
 same number of tokens, greedy, on the embedded SmolLM2-135M-Instruct:
 - lorakit, mixed: the serving engine, each request on its own adapter (rows grouped by adapter);
 - PEFT, mixed: ``generate(..., adapter_names=[...])``, PEFT's mixed-adapter batch;
@@ -177,8 +177,7 @@ def main() -> None:
     if unpacked in configs:
         rows.append(["**lorakit one adapter, packed / not packed weights**",
                      f"**{statistics.median(ratios(single, unpacked)):.2f}x**"])
-    rows += [
-             [f"adapter load (r={args.rank}, all linear), lorakit", f"{statistics.median(lorakit_load):.0f} ms"],
+    rows += [[f"adapter load (r={args.rank}, all linear), lorakit", f"{statistics.median(lorakit_load):.0f} ms"],
              [f"adapter load (r={args.rank}, all linear), PEFT load_adapter",
               f"{1000 * statistics.median(peft_load[1:]):.0f} ms"]]
     suffix = ("" if args.rank == 16 else f"_r{args.rank}") + ("" if args.dtype == "float32" else f"_{args.dtype}")
