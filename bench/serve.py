@@ -103,11 +103,16 @@ def main() -> None:
     paths = make_adapters(work, args.base, args.rank)
     names = [p.name for p in paths]
 
-    ours, tokenizer = load_base(args.base)
-    ours = ours.to(device, dtype).eval()
-    registry = AdapterRegistry(ours)
-    engine = Engine(ours, tokenizer, max_batch=ADAPTERS, prepare=registry.acquire, release=registry.release)
-    engine.eos_ids = set()  # every request decodes exactly the asked number of tokens
+    def serving_engine(packed_weights: bool = True) -> tuple[Engine, AdapterRegistry, object]:
+        """An engine over a fresh copy of the base model, with its adapter registry, as the command runs it."""
+        model, tokenizer = load_base(args.base)
+        registry = AdapterRegistry(model.to(device, dtype).eval())
+        engine = Engine(model, tokenizer, max_batch=ADAPTERS, prepare=registry.acquire, release=registry.release,
+                        packed_weights=packed_weights)
+        engine.eos_ids = set()  # every request decodes exactly the asked number of tokens
+        return engine, registry, tokenizer
+
+    engine, registry, tokenizer = serving_engine()
     lorakit_load = [registry.register(n, p).load_ms for n, p in zip(names, paths, strict=True)]
 
     theirs, _ = load_base(args.base)
@@ -127,8 +132,8 @@ def main() -> None:
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
 
-    def lorakit_run(adapters, n):
-        return engine.generate(batch, adapters, SamplingParams(max_tokens=n, temperature=0))
+    def lorakit_run(adapters, n, on=engine):
+        return on.generate(batch, adapters, SamplingParams(max_tokens=n, temperature=0))
 
     def peft_run(n):
         with torch.inference_mode():
@@ -145,14 +150,9 @@ def main() -> None:
         single: lambda n: lorakit_run([names[0]] * ADAPTERS, n),
     }
     if engine.packed.nbytes:  # packing applies (a float32 base on a CPU with oneDNN): the same on a copy without
-        plain, _ = load_base(args.base)
-        plain_registry = AdapterRegistry(plain.to(device, dtype).eval())
-        plain_engine = Engine(plain, tokenizer, max_batch=ADAPTERS, prepare=plain_registry.acquire,
-                              release=plain_registry.release, packed_weights=False)
-        plain_engine.eos_ids = set()
+        plain_engine, plain_registry, _ = serving_engine(packed_weights=False)
         plain_registry.register(names[0], paths[0])
-        configs[unpacked] = lambda n: plain_engine.generate(batch, [names[0]] * ADAPTERS,
-                                                            SamplingParams(max_tokens=n, temperature=0))
+        configs[unpacked] = lambda n: lorakit_run([names[0]] * ADAPTERS, n, on=plain_engine)
     for run in configs.values():  # warm-up
         run(2)
     decode = {name: [] for name in configs}

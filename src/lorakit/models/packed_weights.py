@@ -72,7 +72,7 @@ class PackedLinearWeights:
                    if type(m) in (nn.Linear, LoraLinear) and "forward" not in vars(m) and _packable(m)]
         unpacked = {id(m.weight): m.weight for m in modules if self._pack_of(m.weight) is None}
         needed = sum(w.numel() * w.element_size() for w in unpacked.values())
-        available = available_memory_bytes()
+        available = available_memory_bytes() if needed else None  # nothing new (the usual admission): no read
         if available is not None and needed > available // 2:
             self.declined_bytes += needed
             return
