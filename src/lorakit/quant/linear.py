@@ -34,7 +34,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", weight.scales)  # (out, in / group_size)
         self.register_buffer("mins", weight.mins)  # (out, in / group_size)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self._kernel_weight: tuple[tuple, Int4Packed] | None = None  # (what it was built from, the packed weight)
+        self._kernel_weight: tuple[tuple, Int4Packed | None] | None = None  # (what it was built from, the packed weight)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32,
@@ -48,23 +48,25 @@ class QuantLinear(nn.Module):
                                (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _DequantizedLinear.apply(x, self.quantized, self.bias)
-        rows = x.numel() // self.in_features
-        kernel = None if torch.is_grad_enabled() or not kernel_pays(rows, x.device) else self.kernel_weight(x.device)
-        if kernel is None:
-            return F.linear(x, self.quantized.dequantize(product_dtype(x)), self.bias)
-        y = kernel.matmul(x)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        if torch.is_grad_enabled():
+            if x.requires_grad:
+                return _DequantizedLinear.apply(x, self.quantized, self.bias)
+        elif kernel_pays(x.numel() // self.in_features, x.device):
+            kernel = self.kernel_weight(x.device)
+            if kernel is not None:
+                y = kernel.matmul(x)
+                return y if self.bias is None else y + self.bias.to(y.dtype)
+        return F.linear(x, self.quantized.dequantize(product_dtype(x)), self.bias)
 
     def kernel_weight(self, device: torch.device) -> Int4Packed | None:
         """The weight in the int4 kernel's form, or None where forward de-quantizes instead."""
-        if not self.use_kernel or self.codes.device != device or not kernel_available(self.quantized, device):
-            self._kernel_weight = None
-            return None
-        source = tuple((t.data_ptr(), t._version) for t in (self.codes, self.scales, self.mins))
+        # Checked on every kernel product of decoding, so kept to plain attributes: the kernel's copy
+        # is (re)built, or found not to apply, only when one of them changed.
+        source = (device, self.use_kernel, self.codes.data_ptr(), self.codes._version, self.scales.data_ptr(),
+                  self.scales._version, self.mins.data_ptr(), self.mins._version)
         if self._kernel_weight is None or self._kernel_weight[0] != source:
-            self._kernel_weight = (source, Int4Packed.from_quantized(self.quantized))
+            usable = self.use_kernel and self.codes.device == device and kernel_available(self.quantized, device)
+            self._kernel_weight = (source, Int4Packed.from_quantized(self.quantized) if usable else None)
         return self._kernel_weight[1]
 
     def extra_repr(self) -> str:
