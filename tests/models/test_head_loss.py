@@ -106,3 +106,15 @@ def test_a_batch_without_labelled_tokens_has_zero_loss_and_takes_part_in_backwar
     assert all(float(p.grad.abs().sum()) == 0.0 for p in lorakit.lora_parameters(model))
     total, predicted, targets = labelled_scores(model, batch)
     assert float(total) == 0.0 and predicted.numel() == 0 and targets.numel() == 0
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 7, 20, 21])
+def test_chunks_are_as_few_as_fit_and_even(rows):
+    # At most 3 rows of 96 logits a chunk (the fixture): as few chunks as that allows, every row
+    # once and in order, sizes within one of each other (no chunk of a few rows left at the end).
+    chunks = head_loss._chunks(rows, 96)
+    covered = [i for c in chunks for i in range(rows)[c]]
+    sizes = [len(range(rows)[c]) for c in chunks]
+    assert covered == list(range(rows))
+    assert len(chunks) == -(-rows // 3)
+    assert all(0 < s <= 3 for s in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
