@@ -52,6 +52,27 @@ def test_generate_replies_with_the_adapter(trained, tiny_base_dir, capsys):
     assert "> one pizza" in out and "> two pizzas" in out
 
 
+def test_generate_decodes_with_the_adapter_merged_unless_told_unmerged(trained, tiny_base_dir, capsys, monkeypatch):
+    from lorakit.core.walk import lora_layers
+    from lorakit.generation import generate
+
+    merged_while_decoding, replies = [], []
+    original = generate.generate_texts
+
+    def recording(model, *args, **kwargs):
+        merged_while_decoding.append({bool(layer.merged_adapters) for _, layer in lora_layers(model)})
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_texts", recording)
+    command = ["generate", "--adapter", str(trained / "adapter"), "--base", str(tiny_base_dir),
+               "--max-new-tokens", "6", "one pizza"]
+    for extra in ([], ["--unmerged"]):
+        assert main([*command, *extra]) == 0
+        replies.append(capsys.readouterr().out)
+    assert merged_while_decoding == [{True}, {False}]
+    assert replies[0] == replies[1]  # the same greedy reply either way (merged differs in the last bits only)
+
+
 def test_eval_and_generate_copy_fields_from_the_message(trained, tiny_base_dir, capsys):
     assert main(["eval", "--adapter", str(trained / "adapter"), "--base", str(tiny_base_dir), "--no-base",
                  "--data", str(trained / "test.jsonl"), "--copy-fields", "item,deliver_to", "--json"]) == 0

@@ -44,6 +44,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens")
     parser.add_argument("--temperature", type=finite_float, default=0.0, help="0 decodes greedily")
     parser.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    parser.add_argument("--unmerged", action="store_true",
+                        help="compute a LoRA adapter beside the base layers, as trained, instead of merged into them "
+                        "for the run (merged decodes at the base model's speed; for a 4-bit QA-LoRA adapter the "
+                        "merge rounds the shifted mins to float16, as lorakit eval's does)")
     parser.add_argument("--exact-4bit", action="store_true", help=EXACT_4BIT_HELP)
     parser.add_argument("--json", action="store_true", help=JSON_HELP)
     parser.add_argument("--copy-fields", type=field_names, metavar="KEYS", help=COPY_FIELDS_HELP)
@@ -59,15 +63,26 @@ def _check(args: argparse.Namespace) -> None:
     args.copy_fields = copy_fields_to_use(args.copy_fields, args.adapter)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from lorakit.generation.generate import generate_texts
-    from lorakit.generation.prompts import chat_prompt
+def _load(args: argparse.Namespace):
+    """(model, tokenizer) as the commands decode with them: a LoRA adapter merged into its layers
+    (unless --unmerged), float32 weights on a CPU packed for faster products, until the command ends."""
+    from lorakit.core.merge import merge
     from lorakit.models.base import load_for_inference
     from lorakit.models.packed_weights import PackedLinearWeights
 
-    _check(args)
     model, tokenizer = load_for_inference(args.base, args.adapter, exact_4bit=args.exact_4bit)
-    PackedLinearWeights(model)  # float32 weights on a CPU: faster products, until the command ends
+    if not args.unmerged:
+        merge(model)  # no LoRA layers (no adapter, another method): nothing to merge
+    PackedLinearWeights(model)
+    return model, tokenizer
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lorakit.generation.generate import generate_texts
+    from lorakit.generation.prompts import chat_prompt
+
+    _check(args)
+    model, tokenizer = _load(args)
     prompts = args.messages if args.raw else [
         chat_prompt(tokenizer, [{"role": "user", "content": m}]) for m in args.messages]
     replies = generate_texts(model, tokenizer, prompts, args.max_new_tokens, temperature=args.temperature,
@@ -84,12 +99,9 @@ def _chat(args: argparse.Namespace) -> int:
 
     from lorakit.generation.generate import generate_texts
     from lorakit.generation.prompts import chat_prompt
-    from lorakit.models.base import load_for_inference
-    from lorakit.models.packed_weights import PackedLinearWeights
 
     _check(args)
-    model, tokenizer = load_for_inference(args.base, args.adapter, exact_4bit=args.exact_4bit)
-    PackedLinearWeights(model)  # float32 weights on a CPU: faster products, until the command ends
+    model, tokenizer = _load(args)
     opening = [{"role": "system", "content": args.system}] if args.system else []
     history = list(opening)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
