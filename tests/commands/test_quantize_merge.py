@@ -142,3 +142,16 @@ def test_merge_and_quantize_do_not_overwrite_by_accident(runs, tiny_base_dir, tm
     assert main(["merge", "--adapter", str(runs / "lora"), "--base", str(tiny_base_dir), "--fp32-mins",
                  "--output", str(tmp_path / "m")]) == 2
     assert "QA-LoRA adapters only" in capsys.readouterr().err
+
+
+def test_generate_with_a_qalora_adapter_decodes_merged_into_the_4bit_layers(runs, tiny_base_dir, capsys):
+    # The merge shifts the mins of the 4-bit layers; decoding then takes the exact path (--exact-4bit),
+    # so merged and unmerged replies differ only by the mins' float16 rounding, which greedy decoding
+    # of 6 tokens on this tiny model does not reach.
+    command = ["generate", "--adapter", str(runs / "qalora"), "--base", str(tiny_base_dir), "--exact-4bit",
+               "--max-new-tokens", "6", "one pizza"]
+    replies = []
+    for extra in ([], ["--unmerged"]):
+        assert main([*command, *extra]) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] and replies[0].strip()
