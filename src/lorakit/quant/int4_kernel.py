@@ -28,7 +28,7 @@ from lorakit.quant.groupwise import QuantizedWeight, codes_as
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 # On a CPU that emulates bfloat16 (AVX2 alone), rows of x up to which the kernel is faster than
 # de-quantizing once and multiplying in float32. There the kernel's time grows with every row (it
-# works through the codes again for each: ~36 us a row for 576 x 576), while one de-quantization
+# works through the codes again for each: ~8 us a row for 576 x 576), while one de-quantization
 # serves them all: the two cross at 52-60 rows on SmolLM2's shapes (576 -> 576, 576 -> 1536,
 # 1536 -> 576) and at 50-64 rows for a whole SmolLM2 forward (AMD EPYC without AVX-512,
 # 2026-12-02); at 512 rows the kernel took 1.5x (forward) to 2x (one layer) as long.
