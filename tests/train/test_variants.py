@@ -55,6 +55,15 @@ def test_loraplus_puts_b_in_a_group_of_its_own_at_the_ratio():
         [(True, 1e-3), (True, 1.6e-2)]
 
 
+def test_the_optimizer_takes_adamws_fused_kernel_for_plain_float_parameters_only():
+    layer = lorakit.Linear(8, 8, r=2)
+    slots = {"x.lora_A.weight": layer.lora["default"].lora_A, "x.lora_B.weight": layer.lora["default"].lora_B}
+    assert make_optimizer(slots, 1e-3, 0.0).defaults["fused"] is True
+    assert make_optimizer(slots, 1e-3, 0.0, loraplus_lr_ratio=16).defaults["fused"] is True
+    complex_slots = {"z": torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))}  # not a fused dtype
+    assert make_optimizer(complex_slots, 1e-3, 0.0).defaults["fused"] is None
+
+
 def test_variants_are_loras_settings_only(tiny_base_dir, data_dir, tmp_path):
     with pytest.raises(ConfigError, match="use_dora are LoRA's settings"):
         _config(tiny_base_dir, data_dir, tmp_path, method="ia3", use_dora=True)

