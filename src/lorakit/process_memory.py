@@ -45,10 +45,10 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
 
 
-def available_memory_bytes() -> int | None:
+def available_memory_bytes(meminfo_path: str = "/proc/meminfo") -> int | None:
     """Memory the system can give without swapping (Linux's MemAvailable), or None where unknown."""
     try:
-        with open("/proc/meminfo") as meminfo:
+        with open(meminfo_path) as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024  # the file counts kB
