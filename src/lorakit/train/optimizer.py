@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 LR_RATIO = "lorakit_lr_ratio"  # a param group's rate as a multiple of the schedule's
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # AdamW's fused kernel takes these
 
 
 def make_optimizer(slots: dict[str, nn.Parameter], lr: float, weight_decay: float,
@@ -40,8 +41,6 @@ def _fusable(params: list[nn.Parameter]) -> bool | None:
                 for p in params)
     return True if params and plain else None  # None: PyTorch's own default
 
-
-_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
