@@ -260,7 +260,8 @@ def write_inference(args: argparse.Namespace) -> None:
               "every row count' is the kernel for those too (before 2026-12-02). Every model's float32 Linear "
               "weights (all of the float32 model's, the 4-bit models' output head) are packed for oneDNN as "
               "lorakit's generate, eval and serve run them (models/packed_weights.py), except in the row 'not "
-              "packed'. Decoding: the same short prompt, "
+              "packed'. All in the allocator policy of the lorakit commands (freed memory kept: "
+              "src/lorakit/process_memory.py). Decoding: the same short prompt, "
               f"32 new tokens, prompt pass included, {args.trials} interleaved runs each, best kept; batch 16 is 16 "
               "copies of the prompt.",
     )
@@ -282,15 +283,17 @@ def main() -> None:
                         help="inference alone (decoding speeds; answers with --parity-adapter): qalora_<device>_decode.md")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.decode_only or args.worker:
+        from lorakit.process_memory import keep_freed_memory
+
+        # Every variant in the allocator policy the lorakit commands run in (train, eval, generate):
+        # de-quantizing allocates every layer's weight at every forward, which glibc's default may
+        # hand back and fault in again.
+        keep_freed_memory()
     if args.decode_only:
         write_inference(args)
         return
     if args.worker:
-        from lorakit.process_memory import keep_freed_memory
-
-        # Both variants in the allocator policy `lorakit train` runs in: de-quantizing allocates every
-        # layer's weight twice a step, which glibc's default maps afresh each time.
-        keep_freed_memory()
         print(json.dumps(train_worker(args.worker, args)))
         return
 
