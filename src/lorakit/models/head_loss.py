@@ -99,7 +99,7 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _chunks(rows: int, vocabulary: int) -> list[slice]:
-    """As few chunks of at most CHUNK_ELEMENTS logits as hold ``rows``, of equal size (each chunk
-    reads the whole head weight, so a last chunk of a few rows would cost nearly a full one)."""
+    """As few chunks of at most CHUNK_ELEMENTS logits as hold ``rows``, of equal size: a last chunk of
+    a few rows would cost nearly a full one (see CHUNK_ELEMENTS)."""
     count = -(-rows // max(1, CHUNK_ELEMENTS // vocabulary))
     return [slice(i * rows // count, (i + 1) * rows // count) for i in range(count)]  # sizes within one
