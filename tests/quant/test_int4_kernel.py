@@ -92,6 +92,24 @@ def test_the_kernels_copy_is_rebuilt_when_a_merge_moves_the_mins_and_is_never_sa
     assert kernel_bytes <= plain[0].quantized.nbytes  # as large as the packed codes, not a float weight
 
 
+def test_the_kernels_copy_follows_buffers_loaded_in_place_or_replaced():
+    layer, other = _layer().eval(), _layer(bias=False)  # the same weight, until other's rows are swapped
+    with torch.no_grad():
+        other.codes.copy_(other.codes.flip(0))
+    x = torch.randn(2, 128)
+
+    def error() -> float:  # the kernel against the exact path on the layer's buffers as they are now
+        return float((layer(x) - _exact(layer, x)).norm() / _exact(layer, x).norm())
+
+    with torch.no_grad():
+        assert error() < 1e-2  # builds the kernel's copy
+        layer.load_state_dict(other.state_dict(), strict=False)  # written into the same buffer tensors
+        assert error() < 1e-2
+        layer.mins = layer.mins + 0.5  # a new tensor in the buffer's place
+        assert error() < 1e-2
+        assert not torch.equal(layer.codes, _layer().codes)  # the weight did change
+
+
 def test_training_computes_on_the_exact_path():
     """With autograd the layer is the float32 reference, forward and backward, whatever use_kernel says."""
     layer = _layer()
