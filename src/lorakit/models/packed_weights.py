@@ -110,7 +110,10 @@ def _packable(module: nn.Module) -> bool:
     """A float32 weight (and bias) on the CPU. Inference tensors keep no version counter, so a write to
     one could not be noticed: those are left to F.linear. (A weight that trains is packed too: products
     that take gradients never use the copy.)"""
-    weight, bias = module.weight, module.bias
+    return _packable_tensors(module.weight, module.bias)
+
+
+def _packable_tensors(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (weight.dtype == torch.float32 and weight.device.type == "cpu" and not weight.is_inference()
             and (bias is None or bias.dtype == torch.float32))
 
@@ -134,11 +137,15 @@ class _Pack:
 
     def product(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b: with the packed weight where it applies, else with F.linear."""
-        weight, bias = module.weight, module.bias
-        takes_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        # Run for every layer of every decoding step, so the parameters are read from their dict
+        # (Module.__getattr__ costs ~1 us a lookup) and the checks are written out.
+        parameters = module._parameters
+        weight, bias = parameters["weight"], parameters.get("bias")
+        takes_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad))
         # Under autocast F.linear multiplies in autocast's dtype, which the float32 copy would not.
         if (takes_grad or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
-                or not _packable(module)):
+                or not _packable_tensors(weight, bias)):
             return F.linear(x, weight, bias)
         self.refresh(weight)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None if bias is None else bias.detach(),
