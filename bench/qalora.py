@@ -127,7 +127,7 @@ def linear_memory() -> list[list[str]]:
     return rows
 
 
-def decode_times(device: torch.device, runs: int, batch: int, new_tokens: int = 32) -> dict[str, list[float]]:
+def decode_times(device: torch.device, runs: int, batch: int, new_tokens: int) -> dict[str, list[float]]:
     """Seconds for ``new_tokens`` greedy tokens of ``batch`` rows, run by run, for the inference
     variants: each run times every variant once, one after the other."""
     import lorakit

@@ -69,7 +69,7 @@ class PackedLinearWeights:
             return
         # A module with a forward of its own on the instance is left alone (another PackedLinearWeights routes it).
         modules = [m for m in self.model.modules()
-                   if type(m) in (nn.Linear, LoraLinear) and "forward" not in vars(m) and _packable(m)]
+                   if type(m) in (nn.Linear, LoraLinear) and "forward" not in vars(m) and _packable(m.weight, m.bias)]
         unpacked = {id(m.weight): m.weight for m in modules if self._pack_of(m.weight) is None}
         needed = sum(w.numel() * w.element_size() for w in unpacked.values())
         available = available_memory_bytes() if needed else None  # nothing new (the usual admission): no read
@@ -106,14 +106,10 @@ def packed_linear_weights(model: nn.Module) -> Iterator[PackedLinearWeights]:
         packed.release()
 
 
-def _packable(module: nn.Module) -> bool:
+def _packable(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """A float32 weight (and bias) on the CPU. Inference tensors keep no version counter, so a write to
     one could not be noticed: those are left to F.linear. (A weight that trains is packed too: products
     that take gradients never use the copy.)"""
-    return _packable_tensors(module.weight, module.bias)
-
-
-def _packable_tensors(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (weight.dtype == torch.float32 and weight.device.type == "cpu" and not weight.is_inference()
             and (bias is None or bias.dtype == torch.float32))
 
@@ -145,7 +141,7 @@ class _Pack:
                                                   or (bias is not None and bias.requires_grad))
         # Under autocast F.linear multiplies in autocast's dtype, which the float32 copy would not.
         if (takes_grad or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
-                or not _packable_tensors(weight, bias)):
+                or not _packable(weight, bias)):
             return F.linear(x, weight, bias)
         self.refresh(weight)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None if bias is None else bias.detach(),

@@ -60,15 +60,15 @@ class QuantLinear(nn.Module):
 
     def kernel_weight(self, device: torch.device) -> Int4Packed | None:
         """The weight in the int4 kernel's form, or None where forward de-quantizes instead."""
-        # Checked on every kernel product of decoding, so kept to plain attributes, the buffers read from
-        # their dict (Module.__getattr__ costs ~1 us a lookup; 1.07x tokens/s at batch 1 for SmolLM2):
-        # the kernel's copy is (re)built, or found not to apply, only when one of them changed.
+        # Checked on every kernel product of decoding, so the buffers are read from their dict
+        # (Module.__getattr__ costs ~1 us a look-up; 1.07x tokens/s at batch 1 for SmolLM2). The
+        # kernel's copy is (re)built, or found not to apply, only when something in ``source`` changed.
         buffers = self._buffers
         codes, scales, mins = buffers["codes"], buffers["scales"], buffers["mins"]
         source = (device, self.use_kernel, codes.data_ptr(), codes._version, scales.data_ptr(), scales._version,
                   mins.data_ptr(), mins._version)
         if self._kernel_weight is None or self._kernel_weight[0] != source:
-            usable = self.use_kernel and self.codes.device == device and kernel_available(self.quantized, device)
+            usable = self.use_kernel and codes.device == device and kernel_available(self.quantized, device)
             self._kernel_weight = (source, Int4Packed.from_quantized(self.quantized) if usable else None)
         return self._kernel_weight[1]
 

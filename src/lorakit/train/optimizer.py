@@ -20,13 +20,13 @@ def make_optimizer(slots: dict[str, nn.Parameter], lr: float, weight_decay: floa
                    loraplus_lr_ratio: float = 0.0) -> torch.optim.AdamW:
     """AdamW over ``slots`` (file key -> Parameter); with ``loraplus_lr_ratio``, LoRA's B matrices in a
     group of their own at that multiple of ``lr``."""
-    fused = _fusable(list(slots.values()))
+    params = list(slots.values())
+    fused = _fusable(params)
     if not loraplus_lr_ratio:
-        return torch.optim.AdamW([{"params": list(slots.values()), LR_RATIO: 1.0}], lr=lr, weight_decay=weight_decay,
-                                 fused=fused)
+        return torch.optim.AdamW([{"params": params, LR_RATIO: 1.0}], lr=lr, weight_decay=weight_decay, fused=fused)
     is_b = [key.endswith((".lora_B.weight", ".lora_embedding_B")) for key in slots]
-    groups = [{"params": [p for p, b in zip(slots.values(), is_b) if not b], LR_RATIO: 1.0},
-              {"params": [p for p, b in zip(slots.values(), is_b) if b], LR_RATIO: loraplus_lr_ratio}]
+    groups = [{"params": [p for p, b in zip(params, is_b) if not b], LR_RATIO: 1.0},
+              {"params": [p for p, b in zip(params, is_b) if b], LR_RATIO: loraplus_lr_ratio}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, fused=fused)
     set_learning_rate(optimizer, lr)
     return optimizer
@@ -40,7 +40,6 @@ def _fusable(params: list[nn.Parameter]) -> bool | None:
     plain = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES
                 for p in params)
     return True if params and plain else None  # None: PyTorch's own default
-
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
