@@ -8,12 +8,10 @@ embedded GGUF's Q4_1 blocks: 4 bits, groups of 32):
    float32 base, step time and peak memory above the loaded model; one child process per
    measurement, the two alternating, so noise hits both alike;
 3. greedy decoding speed (32 new tokens, batch 1 and batch 16) of the 4-bit model with a QA-LoRA
-   adapter merged (still 4-bit) with the kernels and on the de-quantizing path, the same unmerged,
-   and the float32 model with a LoRA adapter merged; at batch 1 also the bfloat16 int4 kernel for
-   single rows (instead of the float32 single-row kernel), at batch 16 on a CPU that emulates
-   bfloat16 also the int4 kernel for prompt passes (which there de-quantize instead); float32
-   Linear weights packed for oneDNN as lorakit's generate and eval run them, and the float32 model
-   also without;
+   adapter merged (still 4-bit) with the kernels, with PyTorch's bfloat16 int4 kernel alone (as
+   before lorakit's float32 kernels) and on the de-quantizing path, the same unmerged, and the
+   float32 model with a LoRA adapter merged; float32 Linear weights packed for oneDNN as lorakit's
+   generate and eval run them, and the float32 model also without;
 4. with --parity-adapter DIR (a QA-LoRA adapter trained on orders): its merged model's greedy answers
    to data/orders/test.jsonl with the kernels (in batches of 32, and one prompt at a time) against
    the de-quantizing path.
@@ -135,9 +133,7 @@ def decode_times(device: torch.device, runs: int, batch: int, new_tokens: int) -
     variants: each run times every variant once, one after the other."""
     import lorakit
     from lorakit.generation.prompts import chat_prompt
-    from lorakit.hardware import native_bfloat16
     from lorakit.models.packed_weights import PackedLinearWeights
-    from lorakit.quant import int4_kernel
     from lorakit.quant.linear import use_int4_kernel
 
     qalora, tokenizer = _model("qalora", device)
@@ -151,21 +147,16 @@ def decode_times(device: torch.device, runs: int, batch: int, new_tokens: int) -
     lorakit.merge(lora.eval())
     variants = {KERNEL: merged_4bit, EXACT: merged_exact, "4-bit + QA-LoRA unmerged, kernels": qalora,
                 FLOAT: lora, FLOAT_UNPACKED: copy.deepcopy(lora)}
-    if batch == 1:  # the single-row kernel's gain: the same model with the bfloat16 kernel for single rows
-        variants[INT4_KERNEL_ONE_ROW] = _without_single_row_kernel(copy.deepcopy(merged_4bit))
-    elif not native_bfloat16(device):  # where the kernel leaves prompt passes to de-quantizing: the kernel for all
-        variants[KERNEL_EVERYWHERE] = merged_4bit
+    variants[BFLOAT16_KERNEL] = _bfloat16_kernel_only(copy.deepcopy(merged_4bit))
     for name, model in variants.items():  # float32 Linears packed, as lorakit's generate and eval run them
         if name != FLOAT_UNPACKED:
             PackedLinearWeights(model)
     prompt = chat_prompt(tokenizer, [{"role": "user", "content": PROMPT}])
     ids = tokenizer([prompt] * batch, return_tensors="pt").input_ids.to(device)
     times: dict[str, list[float]] = {name: [] for name in variants}
-    max_rows = int4_kernel.EMULATED_BFLOAT16_MAX_ROWS
     with torch.no_grad():
-        for run in range(-1, runs):  # run -1 warms up, untimed (the int4 kernel's copies are made on first use)
+        for run in range(-1, runs):  # run -1 warms up, untimed (the kernels' forms are made on first use)
             for name, model in variants.items():
-                int4_kernel.EMULATED_BFLOAT16_MAX_ROWS = sys.maxsize if name == KERNEL_EVERYWHERE else max_rows
                 tokens = new_tokens if run >= 0 else 2
                 _sync(device)
                 start = time.perf_counter()
@@ -174,34 +165,31 @@ def decode_times(device: torch.device, runs: int, batch: int, new_tokens: int) -
                 _sync(device)
                 if run >= 0:
                     times[name].append(time.perf_counter() - start)
-    int4_kernel.EMULATED_BFLOAT16_MAX_ROWS = max_rows
     return times
 
 
 KERNEL = "4-bit, QA-LoRA merged, kernels"
-# Batch 1 only: PyTorch's bfloat16 int4 kernel for single rows too, as before 2026-12-03.
-INT4_KERNEL_ONE_ROW = "4-bit, QA-LoRA merged, bfloat16 int4 kernel for single rows too"
-# Batch 16, and only where the CPU emulates bfloat16: the int4 kernel for prompt passes too, as before 2026-12-02.
-KERNEL_EVERYWHERE = "4-bit, QA-LoRA merged, int4 kernel at every row count"
+# PyTorch's bfloat16 int4 kernel for every row count it pays at, without lorakit's float32 kernels: as before 2026-12-03.
+BFLOAT16_KERNEL = "4-bit, QA-LoRA merged, bfloat16 int4 kernel only"
 EXACT = "4-bit, QA-LoRA merged, de-quantizing path"
 FLOAT = "float32 + LoRA, merged"
 # The float32 model as it ran before lorakit packed float32 weights for oneDNN (2026-12-03): F.linear.
 FLOAT_UNPACKED = "float32 + LoRA, merged, weights not packed (F.linear)"
 
 
-def _without_single_row_kernel(model: torch.nn.Module) -> torch.nn.Module:
+def _bfloat16_kernel_only(model: torch.nn.Module) -> torch.nn.Module:
     from lorakit.quant.linear import QuantLinear
 
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            module.use_gemv = False
+            module.use_float32_kernels = False
     return model
 
 
 def answer_parity(adapter: Path) -> dict:
     """Greedy answers of ``adapter`` merged into its 4-bit base, on the orders test split: with the
-    kernels in batches of 32 (the bfloat16 int4 kernel decodes), one prompt at a time (the float32
-    single-row kernel decodes), and on the exact path in batches of 32."""
+    kernels in batches of 32 (the few-row float32 kernel decodes), one prompt at a time (the one-row
+    kernel decodes), and on the exact path in batches of 32."""
     import lorakit
     from lorakit.data.records import read_records
     from lorakit.evaluation.evaluate import score_model
@@ -211,8 +199,8 @@ def answer_parity(adapter: Path) -> dict:
     model, tokenizer = load_for_inference(None, adapter)
     model = lorakit.merge_and_unload(model)
     records = read_records(TEST)
-    kernel = score_model(model, tokenizer, records, "int4 kernel", batch_size=32, progress=True)
-    single = score_model(model, tokenizer, records, "single-row kernel", batch_size=1, progress=True)
+    kernel = score_model(model, tokenizer, records, "kernels", batch_size=32, progress=True)
+    single = score_model(model, tokenizer, records, "one-row kernel", batch_size=1, progress=True)
     exact = score_model(use_int4_kernel(model, False), tokenizer, records, "exact", batch_size=32, progress=True)
     return {"n": len(records), "exact": exact.exact_match,
             **{name: {"same": sum(a == b for a, b in zip(run.answers, exact.answers, strict=True)),
@@ -263,7 +251,7 @@ def inference_rows(args: argparse.Namespace) -> list[list[str]]:
     if args.parity_adapter is not None:
         parity = answer_parity(args.parity_adapter)
         n = parity["n"]
-        for name, label in (("kernel", "int4 kernel, batches of 32"), ("single", "single-row kernel, one at a time")):
+        for name, label in (("kernel", "kernels, batches of 32"), ("single", "kernels, one prompt at a time")):
             rows.append([(f"greedy answers to the {n} orders test prompts, {args.parity_adapter} merged: "
                           f"{label} vs de-quantizing path"), f"same answer on {parity[name]['same']} of {n}",
                          f"exact match: {parity[name]['exact_match']:.1%}, de-quantizing {parity['exact']:.1%}",
@@ -284,14 +272,13 @@ def write_inference(args: argparse.Namespace) -> None:
         f"qalora_{args.device}_decode", f"4-bit merged QA-LoRA model vs float32, inference ({args.device}, {isa})",
         command, ["measured", "value", "compared with", "ratio"], inference_rows(args),
         notes=f"PyTorch's CPU capability: {isa}; bfloat16 multiplied in hardware: "
-              f"{'yes' if native_bfloat16(device) else 'no (emulated)'}. 'Kernels': a single row (decoding at "
-              "batch 1) is multiplied by lorakit's float32 single-row kernel (quant/int4_gemv.c, where it is built; "
-              "the row 'bfloat16 int4 kernel for single rows too' is the model as before 2026-12-03), more rows by "
-              "PyTorch's int4 kernel, which computes x W^T from the packed codes in bfloat16 (float32 "
-              "accumulation); where bfloat16 is emulated, inputs of more than "
-              "int4_kernel.EMULATED_BFLOAT16_MAX_ROWS rows (prompt passes) de-quantize instead, and the row 'at "
-              "every row count' is the int4 kernel for those too (before 2026-12-02). The parity rows compare "
-              "answers with the de-quantizing path in batches of 32 in both cases. Every model's float32 Linear "
+              f"{'yes' if native_bfloat16(device) else 'no (emulated)'}. 'Kernels': lorakit's float32 kernels "
+              "(quant/int4_float32.c, where they are built) multiply up to int4_float32.FLOAT32_MAX_ROWS rows of "
+              "input straight from the codes (one row by the one-row kernel); longer inputs take PyTorch's int4 "
+              "kernel where it pays (bfloat16 x, float32 accumulation; where bfloat16 is emulated, only up to "
+              "int4_kernel.EMULATED_BFLOAT16_MAX_ROWS rows) or de-quantize. The row 'bfloat16 int4 kernel only' is "
+              "the model without lorakit's kernels, as before 2026-12-03. The parity rows compare answers with "
+              "the de-quantizing path in batches of 32. Every model's float32 Linear "
               "weights (all of the float32 model's, the 4-bit models' output head) are packed for oneDNN as "
               "lorakit's generate, eval and serve run them (models/packed_weights.py), except in the row 'not "
               "packed'. All in the allocator policy of the lorakit commands (freed memory kept: "
@@ -358,9 +345,9 @@ def main() -> None:
               f"{args.steps} steps; QA-LoRA trains {train['qalora']['trainable']:,} adapter parameters (its A is "
               f"(r, in/32)), LoRA {train['lora']['trainable']:,}. Training de-quantizes the 4-bit weights in forward and again in "
               "backward (float32, exact); both variants in the lorakit command's allocator policy (freed memory "
-              "kept: src/lorakit/process_memory.py). Inference: single rows with lorakit's float32 single-row "
-              "kernel (quant/int4_gemv.c), more rows with PyTorch's int4 kernel, which computes x W^T from the "
-              "packed codes in bfloat16 (activations rounded to bfloat16, float32 accumulation); the "
+              "kept: src/lorakit/process_memory.py). Inference: up to 128 rows of input with lorakit's float32 "
+              "kernels (quant/int4_float32.c), more with PyTorch's int4 kernel, which computes x W^T from the "
+              "packed codes in bfloat16 (activations rounded to bfloat16, float32 accumulation), where it pays; the "
               "de-quantizing path is the exact float32 reference. "
               f"Decoding: after a short untimed run, {args.trials} runs, each timing every variant once in turn; "
               "tokens/s is each variant's best run, the ratio the median over runs of the float32 model's time "

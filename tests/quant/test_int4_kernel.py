@@ -18,6 +18,13 @@ from lorakit.quant.linear import QuantLinear, quantize_linears, use_int4_kernel
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def _bfloat16_kernel_only(monkeypatch):
+    """These tests are about PyTorch's int4 kernel: lorakit's float32 kernels (test_int4_float32.py)
+    would take their row counts first."""
+    monkeypatch.setattr(QuantLinear, "use_float32_kernels", False)
+
+
 def _layer(out_features=48, in_features=128, group_size=32, bits=4, bias=True):
     torch.manual_seed(0)
     return QuantLinear.from_linear(nn.Linear(in_features, out_features, bias=bias), bits, group_size)
@@ -35,7 +42,7 @@ def test_the_kernel_computes_the_same_weights_in_bfloat16(group_size, bias):
     with torch.no_grad():
         fast = layer(x)
         exact = _exact(layer, x)
-    assert layer._kernels[False][1] is not None  # the kernel did run
+    assert layer._kernels["int4"][1] is not None  # the kernel did run
     assert fast.shape == exact.shape and fast.dtype == torch.float32
     error = (fast - exact).norm() / exact.norm()
     assert 0 < error < 1e-2  # bfloat16 rounding (2^-9 relative per value), not a different weight
@@ -51,7 +58,7 @@ def test_where_bfloat16_is_emulated_a_prompt_pass_de_quantizes_and_decoding_take
     layer = _layer().eval()
     decoding, prompt = torch.randn(EMULATED_BFLOAT16_MAX_ROWS, 1, 128), torch.randn(2, EMULATED_BFLOAT16_MAX_ROWS, 128)
     with torch.no_grad():
-        kernel = layer.kernel_weight(CPU)
+        kernel = layer.kernel_weight(CPU, EMULATED_BFLOAT16_MAX_ROWS)
         assert torch.equal(layer(decoding), kernel.matmul(decoding) + layer.bias)
         assert torch.equal(layer(prompt), (kernel.matmul(prompt) + layer.bias) if native else _exact(layer, prompt))
         assert not torch.equal(kernel.matmul(prompt), _exact(layer, prompt) - layer.bias)  # the two paths differ
@@ -60,10 +67,10 @@ def test_where_bfloat16_is_emulated_a_prompt_pass_de_quantizes_and_decoding_take
 def test_only_4_bit_groups_the_kernel_takes_use_it():
     for bits in (2, 3, 8):
         layer = _layer(bits=bits)
-        assert not kernel_available(layer.quantized, CPU) and layer.kernel_weight(CPU) is None
-    assert _layer(out_features=8).kernel_weight(CPU) is None  # the packing takes rows 16 at a time
+        assert not kernel_available(layer.quantized, CPU) and layer.kernel_weight(CPU, 1) is None
+    assert _layer(out_features=8).kernel_weight(CPU, 1) is None  # the packing takes rows 16 at a time
     layer = use_int4_kernel(quantize_linears(nn.Sequential(nn.Linear(64, 16)), 4, 32), False)[0]
-    assert layer.kernel_weight(CPU) is None  # the exact path, when asked for
+    assert layer.kernel_weight(CPU, 1) is None  # the exact path, when asked for
     assert not kernel_available(layer.quantized, torch.device("meta"))
 
 
@@ -77,17 +84,17 @@ def test_the_kernels_copy_is_rebuilt_when_a_merge_moves_the_mins_and_is_never_sa
     x = torch.randn(4, 64)
     with torch.no_grad():
         unmerged = model(x)
-        before = model[0].kernel_weight(CPU)
+        before = model[0].kernel_weight(CPU, 4)
         lorakit.merge(model)
         merged = model(x)
-        assert model[0].kernel_weight(CPU) is not before  # rebuilt from the shifted mins
+        assert model[0].kernel_weight(CPU, 4) is not before  # rebuilt from the shifted mins
         use_int4_kernel(model, False)
         exact_merged = model(x)
     assert (merged - unmerged).norm() / unmerged.norm() < 2e-2
     assert (merged - exact_merged).norm() / exact_merged.norm() < 2e-2
     plain = lorakit.merge_and_unload(model)
     assert set(plain.state_dict()) == state_keys  # the kernel's copy is not a buffer
-    packed = use_int4_kernel(plain)[0].kernel_weight(CPU)
+    packed = use_int4_kernel(plain)[0].kernel_weight(CPU, 1)
     kernel_bytes = packed.codes.numel() + packed.scale_and_zero.numel() * 2
     assert kernel_bytes <= plain[0].quantized.nbytes  # as large as the packed codes, not a float weight
 

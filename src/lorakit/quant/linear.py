@@ -1,6 +1,7 @@
-"""A Linear layer over a group-wise quantized weight: without gradients 4-bit layers multiply a single
-row with the float32 single-row kernel (int4_gemv.py) and more rows with PyTorch's int4 kernel
-(int4_kernel.py), each where it exists and pays; every other case de-quantizes on the fly."""
+"""A Linear layer over a group-wise quantized weight: without gradients 4-bit layers multiply with
+lorakit's float32 kernels (int4_float32.py) up to FLOAT32_MAX_ROWS rows of input and with PyTorch's
+int4 kernel (int4_kernel.py) beyond, each where it exists and pays; every other case de-quantizes
+on the fly."""
 
 from __future__ import annotations
 
@@ -9,25 +10,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.quant.groupwise import QuantizedWeight, quantize_weight
-from lorakit.quant.int4_gemv import Int4Gemv, gemv_applies
+from lorakit.quant.int4_float32 import (
+    FLOAT32_MAX_ROWS,
+    Int4Gemm,
+    Int4Gemv,
+    gemm_applies,
+    gemv_applies,
+)
 from lorakit.quant.int4_kernel import Int4Packed, kernel_available, kernel_pays
+
+KernelForm = Int4Gemv | Int4Gemm | Int4Packed
+# Which kernels may multiply how many rows, fastest first: the first whose form applies does.
+_ONE_ROW, _FEW_ROWS, _MORE_ROWS = ("gemv", "gemm", "int4"), ("gemm", "int4"), ("int4",)
 
 
 class QuantLinear(nn.Module):
     """y = x W~^T + b, W~ = scale * q + min per group; codes, scales and mins are buffers (frozen).
 
-    Without autograd (inference), ``use_kernel`` (default True) lets forward use a kernel where one
-    exists and is the faster way for this many rows (``kernel_pays``: on a CPU that emulates
-    bfloat16, a prompt pass de-quantizes): for a single row the float32 single-row kernel (unless
-    ``use_gemv`` is False), else PyTorch's int4 kernel (bfloat16 arithmetic). ``use_kernel=False``
-    keeps the exact de-quantizing path, the float32 reference. With autograd (training) forward
-    always de-quantizes: trained with the int4 kernel's bfloat16 forward, the orders QA-LoRA adapter
-    scored 70.0% instead of 75.5% (docs/ARCHITECTURE.md).
+    Without autograd (inference), ``use_kernel`` (default True) lets forward multiply with a kernel
+    straight from the codes where one applies: one row with lorakit's one-row float32 kernel, up to
+    FLOAT32_MAX_ROWS with its few-row one (both unless ``use_float32_kernels`` is False), more with
+    PyTorch's int4 kernel (bfloat16 arithmetic) where it pays (``kernel_pays``: on a CPU that
+    emulates bfloat16, long inputs de-quantize). ``use_kernel=False`` keeps the exact de-quantizing
+    path, the float32 reference. With autograd (training) forward always de-quantizes: trained with
+    the int4 kernel's bfloat16 forward, the orders QA-LoRA adapter scored 70.0% instead of 75.5%
+    (docs/ARCHITECTURE.md).
     A kernel's form of the weight is built on first use and rebuilt whenever codes, scales or mins
     change (a merge shifts the mins) or move."""
 
     use_kernel = True
-    use_gemv = True
+    use_float32_kernels = True
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -37,8 +49,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", weight.scales)  # (out, in / group_size)
         self.register_buffer("mins", weight.mins)  # (out, in / group_size)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        # single row or not -> (what it was built from, the weight in that kernel's form, or None)
-        self._kernels: dict[bool, tuple[tuple, Int4Gemv | Int4Packed | None]] = {}
+        # kernel -> (what its form was built from, the weight in that form, or None where it does not apply)
+        self._kernels: dict[str, tuple[tuple, KernelForm | None]] = {}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32,
@@ -55,37 +67,46 @@ class QuantLinear(nn.Module):
         if torch.is_grad_enabled():
             if x.requires_grad:
                 return _DequantizedLinear.apply(x, self.quantized, self.bias)
-        elif kernel_pays(rows := x.numel() // self.in_features, x.device):
-            kernel = self.kernel_weight(x.device, single_row=rows == 1)
-            if kernel is not None:
-                y = kernel.matmul(x)
-                return y if self.bias is None else y + self.bias.to(y.dtype)
+        elif (kernel := self.kernel_weight(x.device, x.numel() // self.in_features)) is not None:
+            y = kernel.matmul(x)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         return F.linear(x, self.quantized.dequantize(product_dtype(x)), self.bias)
 
-    def kernel_weight(self, device: torch.device, single_row: bool = False) -> Int4Gemv | Int4Packed | None:
-        """The weight in the form of the kernel for one row (``single_row``) or more on ``device``,
+    def kernel_weight(self, device: torch.device, rows: int) -> KernelForm | None:
+        """The weight in the form of the kernel that multiplies ``rows`` rows of input on ``device``,
         or None where forward de-quantizes instead."""
+        kinds = _ONE_ROW if rows == 1 else _FEW_ROWS if rows <= FLOAT32_MAX_ROWS else _MORE_ROWS
+        for kind in kinds:
+            if kind == "int4" and not kernel_pays(rows, device):
+                return None
+            if (form := self._kernel_form(kind, device)) is not None:
+                return form
+        return None
+
+    def _kernel_form(self, kind: str, device: torch.device) -> KernelForm | None:
         # Checked on every kernel product of decoding, so the buffers are read from their dict
-        # (Module.__getattr__ costs ~1 us a look-up; 1.07x tokens/s at batch 1 for SmolLM2). The
-        # kernel's form is (re)built, or found not to apply, only when something in ``source`` changed.
+        # (Module.__getattr__ costs ~1 us a look-up; 1.07x tokens/s at batch 1 for SmolLM2). A form
+        # is (re)built, or found not to apply, only when something in ``source`` changed.
         buffers = self._buffers
         codes, scales, mins = buffers["codes"], buffers["scales"], buffers["mins"]
-        source = (device, self.use_kernel, self.use_gemv, codes.data_ptr(), codes._version, scales.data_ptr(),
-                  scales._version, mins.data_ptr(), mins._version)
-        cached = self._kernels.get(single_row)
+        source = (device, self.use_kernel, self.use_float32_kernels, codes.data_ptr(), codes._version,
+                  scales.data_ptr(), scales._version, mins.data_ptr(), mins._version)
+        cached = self._kernels.get(kind)
         if cached is None or cached[0] != source:
-            self._kernels[single_row] = cached = (source, self._build_kernel_weight(device, single_row))
+            self._kernels[kind] = cached = (source, self._build_kernel_form(kind, device))
         return cached[1]
 
-    def _build_kernel_weight(self, device: torch.device, single_row: bool) -> Int4Gemv | Int4Packed | None:
+    def _build_kernel_form(self, kind: str, device: torch.device) -> KernelForm | None:
         quantized = self.quantized
         if not (self.use_kernel and quantized.codes.device == device):
             return None
-        if single_row:
-            if self.use_gemv and gemv_applies(quantized, device):
-                return Int4Gemv(quantized)
-            return self.kernel_weight(device)  # the int4 kernel's form, the one more rows use
-        return Int4Packed.from_quantized(quantized) if kernel_available(quantized, device) else None
+        if kind == "int4":
+            return Int4Packed.from_quantized(quantized) if kernel_available(quantized, device) else None
+        if not self.use_float32_kernels:
+            return None
+        if kind == "gemv":
+            return Int4Gemv(quantized) if gemv_applies(quantized, device) else None
+        return Int4Gemm(quantized) if gemm_applies(quantized, device) else None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -1,0 +1,185 @@
+"""x W~^T in float32 straight from 4-bit codes (int4_float32.c), on x86 CPUs with AVX2: lorakit's
+kernels for one row (Int4Gemv, decoding one sequence) and a few (Int4Gemm, up to FLOAT32_MAX_ROWS:
+decoding a batch, short prompts).
+
+Without bfloat16 arithmetic in the CPU, PyTorch's CPU int4 kernel (int4_kernel.py) is held back: it
+converts x to bfloat16 and scales every weight. These multiply the integer codes by float32 x and
+apply each group's scale once, to its dot product. On a 2-core AMD EPYC (AVX2), one row: 23 against
+43 us for 576 -> 576, 51-53 against 87-88 us for SmolLM2's 576 -> 1536 and 1536 -> 576; a SmolLM2
+layer's seven products at 16 rows 1.1 against 1.6 ms, at 56 rows 3.5 against 5.0 ms. And in
+float32, so their products match the de-quantizing path to ~1e-6 (the bfloat16 kernel's: ~1e-2).
+
+PyTorch ships no such kernel for the CPU, nor does a library that installs beside torch 2.13
+(docs/ARCHITECTURE.md), so lorakit compiles its own: once per machine, with the system's C
+compiler, into ``$LORAKIT_CACHE/kernels``; ~0.5 s. Where that cannot be done (no compiler, not
+Linux on x86 with AVX2, PyTorch not on OpenMP), 4-bit layers use the int4 kernel as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lorakit.cache import cache_root
+from lorakit.hardware import X86_MACHINES
+from lorakit.quant.groupwise import QuantizedWeight, codes_as
+
+SOURCE = Path(__file__).with_name("int4_float32.c")
+# -fopenmp: the parallel loops bind to libgomp, which PyTorch has loaded already (the same soname).
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+GEMV_K_MULTIPLE = 64  # the one-row kernel reads codes 64 at a time
+GEMM_N_MULTIPLE = 8  # the other takes output rows 8 at a time
+# Rows of x up to which Int4Gemm is faster than de-quantizing and multiplying in float32: a SmolLM2
+# layer's seven products at 128 rows took 8.0 against 9.8 ms, at 192 11.8 against 12.3, at 256 21.5
+# against 17.3 (AMD EPYC, AVX2, 2 threads, 2026-12-03); 128 leaves a margin.
+FLOAT32_MAX_ROWS = 128
+
+
+def gemv_applies(weight: QuantizedWeight, device: torch.device) -> bool:
+    """Whether ``weight`` can be multiplied by one row on ``device`` by the one-row kernel."""
+    return (device.type == "cpu" and weight.bits == 4 and weight.shape[1] % GEMV_K_MULTIPLE == 0
+            and weight.group_size % 32 == 0 and _library() is not None)
+
+
+def gemm_applies(weight: QuantizedWeight, device: torch.device) -> bool:
+    """Whether ``weight`` can be multiplied by a few rows on ``device`` by the other kernel."""
+    return (device.type == "cpu" and weight.bits == 4 and weight.shape[0] % GEMM_N_MULTIPLE == 0
+            and _library() is not None)
+
+
+class Int4Gemv:
+    """A QuantizedWeight as the one-row kernel reads it: the packed codes themselves (no copy), scales and
+    mins (out, in / group_size) as float32 (the QuantizedWeight's own tensors where they are)."""
+
+    def __init__(self, weight: QuantizedWeight) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.group_size = weight.group_size
+        self.codes = weight.codes.contiguous()
+        self.scales = weight.scales.float().contiguous()
+        self.mins = weight.mins.float().contiguous()
+        # Held by this object, so their addresses stay valid; read once (a product costs ~20 us at
+        # 576 x 576, and every microsecond around it shows at decoding's 210 products a token).
+        self._addresses = (self.codes.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) with one row -> (..., out) in x's dtype, computed in float32."""
+        flat = x.reshape(-1)  # (in,)
+        if flat.dtype != torch.float32 or not flat.is_contiguous():
+            flat = flat.float().contiguous()
+        y = torch.empty(*x.shape[:-1], self.out_features)  # float32
+        status = _library().int4_gemv(flat.data_ptr(), self.in_features, *self._addresses, self.out_features,
+                                      self.group_size, y.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise MemoryError(f"int4_gemv could not allocate {self.in_features} floats of scratch")
+        return y.to(x.dtype)
+
+
+class Int4Gemm:
+    """A QuantizedWeight in the few-row kernel's form: its codes regrouped into one 32-bit word per
+    8 output rows and input (as large as the packed codes), scales and mins (in / group_size, out)
+    as float32."""
+
+    def __init__(self, weight: QuantizedWeight) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.group_size = weight.group_size
+        out, cols = weight.shape
+        codes = codes_as(weight.codes, 4, cols, torch.uint8).view(out // 8, 4, 2, cols)  # transient
+        # byte j of word k in block b: rows 8b + 2j (low nibble) and 8b + 2j + 1 (high) at input k
+        self.packed = (codes[:, :, 0] | (codes[:, :, 1] << 4)).permute(0, 2, 1).contiguous()  # (out / 8, in, 4)
+        self.scales = weight.scales.float().t().contiguous()  # (in / group_size, out)
+        self.mins = weight.mins.float().t().contiguous()
+        self._addresses = (self.packed.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out) in x's dtype, computed in float32."""
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != torch.float32 or not flat.is_contiguous():
+            flat = flat.float().contiguous()
+        y = torch.empty(*x.shape[:-1], self.out_features)  # float32
+        status = _library().int4_gemm(flat.data_ptr(), flat.shape[0], self.in_features, *self._addresses,
+                                      self.out_features, self.group_size, y.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise MemoryError(f"int4_gemm could not allocate its scratch for {flat.shape[0]} rows")
+        return y.to(x.dtype)
+
+
+@functools.cache  # built or found once per process
+def _library() -> ctypes.CDLL | None:
+    if not (sys.platform == "linux" and platform.machine().lower() in X86_MACHINES
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+            and "parallel backend: OpenMP" in torch.__config__.parallel_info()):
+        return None
+    source_digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    directory, prefix = cache_root() / "kernels", f"int4_float32-{source_digest}-"
+    built = _verified(directory, prefix) or _build(directory, prefix)
+    if built is None or not _private(built):
+        return None
+    library = ctypes.CDLL(str(built))
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    library.int4_gemv.argtypes = [pointer, integer, pointer, pointer, pointer, integer, integer, pointer, integer]
+    library.int4_gemm.argtypes = [pointer, integer, integer, pointer, pointer, pointer, integer, integer, pointer,
+                                  integer]
+    library.int4_gemv.restype = library.int4_gemm.restype = integer
+    return library
+
+
+def _verified(directory: Path, prefix: str) -> Path | None:
+    """A library built from this source whose bytes match the digest in its name. Loading a damaged
+    one (say, cut short by a power cut after its rename reached the disk and before its data did)
+    would crash the process, not fail, so one that does not match is removed and never loaded."""
+    for path in sorted(directory.glob(f"{prefix}*.so")):
+        try:
+            if _digest(path) == path.stem.removeprefix(prefix):
+                return path
+            path.unlink()
+        except OSError:
+            continue
+    return None
+
+
+def _build(directory: Path, prefix: str) -> Path | None:
+    """Compile SOURCE into ``directory``: into a temporary file, renamed once whole to ``prefix`` + its
+    bytes' digest, so that a build cut short (or two at once) never leaves a partial library under a
+    name that is loaded. None where there is no compiler, it fails, or the directory is not writable."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=directory, prefix=f".{prefix}", suffix=".tmp")
+    except OSError:
+        return None
+    os.close(handle)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], check=False, capture_output=True,
+                              timeout=120)
+        if done.returncode != 0:
+            return None
+        built = directory / f"{prefix}{_digest(Path(partial))}.so"
+        os.replace(partial, built)
+        return built
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _private(path: Path) -> bool:
+    """Whether ``path`` is this user's and writable by no one else: loading a library runs its code,
+    so one that another account could have replaced is not loaded."""
+    status = path.stat()
+    return status.st_uid == os.getuid() and not status.st_mode & 0o022

@@ -1,0 +1,162 @@
+"""lorakit's float32 4-bit kernels (int4_float32.c: one row, and a few) against the exact
+de-quantizing path in float64; which layers and row counts they take; how they are built and cached."""
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.hardware import X86_MACHINES
+from lorakit.quant import int4_float32
+from lorakit.quant.int4_float32 import FLOAT32_MAX_ROWS, Int4Gemm, Int4Gemv
+from lorakit.quant.int4_kernel import Int4Packed
+from lorakit.quant.linear import (
+    QuantLinear,
+    quantize_linears,
+    use_int4_kernel,
+    widen_mins,
+)
+
+CPU = torch.device("cpu")
+CAN_BUILD = (sys.platform == "linux" and platform.machine().lower() in X86_MACHINES
+             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and shutil.which("cc") is not None)
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="the kernel is built on Linux x86 with AVX2 and a C compiler")
+
+
+def _layer(out_features=48, in_features=256, group_size=32, bias=True, wide_mins=False):
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(in_features, out_features, bias=bias), 4, group_size).eval()
+    return widen_mins(layer) if wide_mins else layer
+
+
+def _float64_reference(layer, x):
+    return torch.nn.functional.linear(x.double(), layer.quantized.dequantize(torch.float64),
+                                      None if layer.bias is None else layer.bias.double())
+
+
+def test_the_kernel_builds_wherever_it_can():
+    assert (int4_float32._library() is not None) == CAN_BUILD
+
+
+@needs_kernel
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("wide_mins", [False, True])
+@pytest.mark.parametrize("shape", [(256,), (1, 256), (1, 1, 256), (2, 256), (3, 5, 256), (FLOAT32_MAX_ROWS, 256)])
+def test_rows_are_multiplied_in_float32_as_de_quantizing_would(group_size, wide_mins, shape):
+    layer = _layer(group_size=group_size, bias=group_size != 64, wide_mins=wide_mins)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        y = layer(x)
+    one_row = x.numel() == 256
+    assert isinstance(layer._kernels["gemv" if one_row else "gemm"][1], Int4Gemv if one_row else Int4Gemm)
+    reference = _float64_reference(layer, x)
+    assert y.shape == reference.shape and y.dtype == torch.float32
+    # float32 rounding in another order of summation; the bfloat16 int4 kernel is ~1e-3 off here
+    assert (y.double() - reference).norm() / reference.norm() < 1e-6
+    bfloat16 = Int4Packed.from_quantized(layer.quantized).matmul(x).double()
+    assert (bfloat16 + (0 if layer.bias is None else layer.bias) - reference).norm() / reference.norm() > 1e-4
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 7, 13])  # one row; a run of 2; runs of 4 + 3; of 5 + 4 + 4
+def test_products_do_not_depend_on_the_thread_count(rows):
+    layer, x = _layer(out_features=576, in_features=576), torch.randn(rows, 576)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            alone = layer(x)
+            torch.set_num_threads(max(2, threads))
+            shared = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, shared)  # each output is summed by one thread, in one order
+
+
+@needs_kernel
+def test_each_row_count_takes_its_kernel_and_the_others_are_left_alone():
+    layer = _layer()
+    with torch.no_grad():
+        layer(torch.randn(FLOAT32_MAX_ROWS + 1, 256))  # beyond the float32 kernels: de-quantizes (no bfloat16)
+        assert "gemm" not in layer._kernels and "gemv" not in layer._kernels
+        narrow = _layer(in_features=96)  # 96 inputs: not a multiple of the 64 codes the one-row kernel reads
+        narrow(torch.randn(96))
+        assert narrow._kernels["gemv"][1] is None and isinstance(narrow._kernels["gemm"][1], Int4Gemm)
+        layer.use_float32_kernels = False
+        assert isinstance(layer.kernel_weight(CPU, 1), Int4Packed)  # PyTorch's int4 kernel, as before
+        use_int4_kernel(layer, False)
+        assert layer.kernel_weight(CPU, 1) is None
+        assert _layer(out_features=12).kernel_weight(CPU, 2) is None  # the few-row one takes rows 8 at a time
+    for bits in (2, 3, 8):
+        other = QuantLinear.from_linear(nn.Linear(256, 16), bits, 32)
+        assert not int4_float32.gemv_applies(other.quantized, CPU)
+        assert not int4_float32.gemm_applies(other.quantized, CPU)
+
+
+@needs_kernel
+def test_a_merge_into_the_mins_reaches_the_kernel():
+    model = widen_mins(quantize_linears(nn.Sequential(nn.Linear(128, 64)), 4, 32)).eval()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["0"]))
+    torch.manual_seed(1)
+    for param in lorakit.lora_parameters(model):
+        nn.init.normal_(param, std=0.3)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        unmerged = model(x)
+        merged_model = lorakit.merge_and_unload(model)
+        merged = merged_model(x)
+        reference = _float64_reference(merged_model[0], x)
+        merged_row = merged_model(x[:1])
+    assert (merged.double() - reference).norm() / reference.norm() < 1e-6
+    assert (merged_row.double() - reference[:1]).norm() / reference[:1].norm() < 1e-6
+    assert (merged - unmerged).norm() / unmerged.norm() < 1e-5  # QA-LoRA merges exactly into the mins
+
+
+@needs_kernel
+def test_a_build_cut_short_leaves_nothing_that_would_be_loaded(tmp_path, monkeypatch):
+    fake = tmp_path / "cc"  # writes half a library, then fails, as a compiler killed mid-write would
+    fake.write_text('#!/bin/sh\nfor a; do out=$a; done\nprintf "\\177ELF half" > "$out"\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    directory = tmp_path / "kernels"
+    assert int4_float32._build(directory, "int4_float32-test-") is None
+    assert list(directory.iterdir()) == []
+    monkeypatch.delenv("CC")
+    built = int4_float32._build(directory, "int4_float32-test-")
+    assert list(directory.iterdir()) == [built] and int4_float32._private(built)
+    assert int4_float32._verified(directory, "int4_float32-test-") == built
+    in_the_way = tmp_path / "not-a-directory"  # a cache that cannot be written (even by root)
+    in_the_way.write_text("")
+    assert int4_float32._build(in_the_way / "kernels", "int4_float32-test-") is None
+
+
+@needs_kernel
+def test_a_damaged_library_is_rebuilt_and_one_others_could_write_is_not_loaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    int4_float32._library.cache_clear()
+    try:
+        assert int4_float32._library() is not None  # built into the new cache
+        (built,) = (tmp_path / "kernels").iterdir()
+        damaged = built.with_suffix(".damaged")
+        damaged.write_bytes(built.read_bytes()[:1000])  # as a power cut can leave it: the name on disk, the data not
+        os.replace(damaged, built)  # a new file: the pages this process has loaded stay as they are
+        # In a new process: this one has the library loaded under that name, which dlopen would reuse.
+        probe = ("import torch; from lorakit.quant.linear import QuantLinear; "
+                 "layer = QuantLinear.from_linear(torch.nn.Linear(256, 16), 4, 32).eval(); "
+                 "torch.no_grad().__enter__(); print(type(layer.kernel_weight(torch.device('cpu'), 1)).__name__)")
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                              env={**os.environ, "LORAKIT_CACHE": str(tmp_path)})
+        assert done.stdout.strip() == "Int4Gemv"  # loading it would have crashed that process (SIGBUS)
+        (rebuilt,) = (tmp_path / "kernels").iterdir()  # the damaged one removed
+        assert int4_float32._digest(rebuilt) == rebuilt.stem.rpartition("-")[2]
+        os.chmod(rebuilt, 0o666)
+        int4_float32._library.cache_clear()
+        assert int4_float32._library() is None  # the int4 kernel takes their rows instead
+    finally:
+        int4_float32._library.cache_clear()
