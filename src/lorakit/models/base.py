@@ -193,8 +193,8 @@ def load_for_inference(base: str | None, adapter: str | Path | None, dtype: torc
     """(model, tokenizer) in eval mode on the best device, with ``adapter`` loaded if given: a LoRA,
     IA³, prompt, prefix or bottleneck adapter directory, or the model directory full fine-tuning
     wrote (then it is the model, and ``base`` must be left out). A QA-LoRA adapter gets its base
-    quantized as it was in training (unless ``base`` already is). 4-bit layers compute with the int4
-    kernel (bfloat16) where it exists; ``exact_4bit`` keeps them on the exact de-quantizing path."""
+    quantized as it was in training (unless ``base`` already is). 4-bit layers compute with kernels
+    straight from the codes where they exist; ``exact_4bit`` keeps them on the exact de-quantizing path."""
     method = method_of_directory(adapter) if adapter is not None else None
     if method is not None and method.name == "full":
         if base is not None:

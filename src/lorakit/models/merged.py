@@ -81,7 +81,7 @@ def merge_to_directory(base: str | None, adapter: str | Path, output: Path, requ
         raise ConfigError("--fp32-mins applies to QA-LoRA adapters only")
     template = gguf_source(base) if gguf is not None else None
     # The probe measures the merge, so both sides compute on the exact de-quantizing path (float32), not
-    # with the int4 kernel's bfloat16 rounding; the saved model is the same either way.
+    # with a kernel's order of summation or bfloat16 rounding; the saved model is the same either way.
     model, tokenizer = load_for_inference(base, adapter, exact_4bit=True)
     model = model.cpu()
     if fp32_mins:
