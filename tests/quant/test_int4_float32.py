@@ -22,6 +22,7 @@ from lorakit.quant.linear import (
     use_int4_kernel,
     widen_mins,
 )
+from tests.conftest import randomize_adapters
 
 CPU = torch.device("cpu")
 CAN_BUILD = (sys.platform == "linux" and platform.machine().lower() in X86_MACHINES
@@ -64,6 +65,17 @@ def test_rows_are_multiplied_in_float32_as_de_quantizing_would(group_size, wide_
 
 
 @needs_kernel
+def test_no_rows_and_the_wrong_width_are_handled_before_the_kernels():
+    layer = _layer()
+    with torch.no_grad():
+        assert layer(torch.randn(0, 256)).shape == (0, 48)
+        assert layer(torch.randn(2, 0, 256)).shape == (2, 0, 48)
+        for wrong in (torch.randn(1, 512), torch.randn(2, 128), torch.randn(512)):  # the row count comes out whole
+            with pytest.raises(ValueError, match="takes 256"):
+                layer(wrong)
+
+
+@needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 7, 13])  # one row; a run of 2; runs of 4 + 3; of 5 + 4 + 4
 def test_products_do_not_depend_on_the_thread_count(rows):
     layer, x = _layer(out_features=576, in_features=576), torch.randn(rows, 576)
@@ -103,9 +115,7 @@ def test_each_row_count_takes_its_kernel_and_the_others_are_left_alone():
 def test_a_merge_into_the_mins_reaches_the_kernel():
     model = widen_mins(quantize_linears(nn.Sequential(nn.Linear(128, 64)), 4, 32)).eval()
     lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=["0"]))
-    torch.manual_seed(1)
-    for param in lorakit.lora_parameters(model):
-        nn.init.normal_(param, std=0.3)
+    randomize_adapters(model, std=0.3)
     x = torch.randn(3, 128)
     with torch.no_grad():
         unmerged = model(x)

@@ -122,6 +122,7 @@ static inline __attribute__((always_inline)) void gemm_block(const float *x, int
  * transposes, so that a block's 8 values load as one vector). N a multiple of 8. */
 int int4_gemm(const float *x, int M, int K, const uint32_t *packed, const float *scales_t, const float *mins_t,
               int N, int G, float *y, int threads) {
+    if (M <= 0) return 0;  /* nothing to multiply (and no runs to cut the rows into) */
     int groups = K / G;
     float *group_sums = malloc(sizeof(float) * (size_t)M * groups);
     if (group_sums == NULL) return -1;

@@ -73,6 +73,7 @@ class Int4Gemv:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) with one row -> (..., out) in x's dtype, computed in float32."""
+        _check_width(x, self.in_features)
         flat = x.reshape(-1)  # (in,)
         if flat.dtype != torch.float32 or not flat.is_contiguous():
             flat = flat.float().contiguous()
@@ -102,6 +103,7 @@ class Int4Gemm:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out) in x's dtype, computed in float32."""
+        _check_width(x, self.in_features)
         flat = x.reshape(-1, self.in_features)
         if flat.dtype != torch.float32 or not flat.is_contiguous():
             flat = flat.float().contiguous()
@@ -111,6 +113,13 @@ class Int4Gemm:
         if status != 0:
             raise MemoryError(f"int4_gemm could not allocate its scratch for {flat.shape[0]} rows")
         return y.to(x.dtype)
+
+
+def _check_width(x: torch.Tensor, in_features: int) -> None:
+    # The kernels trust the row count and width they are given: a wider x would have them write
+    # past the end of y.
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension; this layer takes {in_features}")
 
 
 @functools.cache  # built or found once per process
