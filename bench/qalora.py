@@ -19,10 +19,12 @@ embedded GGUF's Q4_1 blocks: 4 bits, groups of 32):
     python bench/qalora.py [--trials 3] [--steps 4] [--batch 8] [--device cpu] [--parity-adapter DIR]
     python bench/qalora.py --compute-dtype bfloat16
     python bench/qalora.py --decode-only [--parity-adapter DIR]
+    python bench/qalora.py --train-only
 
 Writes bench/results/qalora_<device>.md. ``--compute-dtype bfloat16`` measures the training step only,
 both sides' forward under the same bfloat16 autocast (``lorakit train``'s ``compute_dtype``); writes
-qalora_<device>_bfloat16.md. ``--decode-only`` measures 3 and 4 only, naming the CPU's instruction
+qalora_<device>_bfloat16.md; ``--train-only`` measures 2 alone, in float32, and writes
+qalora_<device>_float32.md. ``--decode-only`` measures 3 and 4 only, naming the CPU's instruction
 set; writes qalora_<device>_decode.md.
 """
 
@@ -214,22 +216,29 @@ def _step_row(train: dict, label: str) -> list[str]:
             f"time **{q['step'] / f['step']:.2f}x**, memory **{q['peak'] / f['peak']:.2f}x**"]
 
 
-def write_bfloat16_steps(train: dict, args: argparse.Namespace) -> None:
-    """The training step under bfloat16 autocast, QA-LoRA (int4 kernel forward) against LoRA."""
+def write_steps(train: dict, args: argparse.Namespace) -> None:
+    """The training step alone, QA-LoRA against LoRA: under bfloat16 autocast, or with --train-only in
+    float32."""
+    half = args.compute_dtype != "float32"
+    command = (f"python bench/qalora.py --trials {args.trials} --steps {args.steps} --batch {args.batch} "
+               f"--device {args.device} " + (f"--compute-dtype {args.compute_dtype}" if half else "--train-only"))
+    isa = torch.backends.cpu.get_cpu_capability() if args.device == "cpu" else args.device
+    products = f"{args.compute_dtype} products under autocast" if half else "float32"
+    how = (f"forward under the same {args.compute_dtype} autocast on both sides (adapters float32), backward "
+           "outside it" if half else "float32 throughout")
     path = write_table(
         f"qalora_{args.device}_{args.compute_dtype}",
-        f"QA-LoRA on a 4-bit base vs LoRA on float32, {args.compute_dtype} products under autocast "
-        f"(SmolLM2-135M-Instruct, {args.device})",
-        f"python bench/qalora.py --trials {args.trials} --steps {args.steps} --batch {args.batch} "
-        f"--device {args.device} --compute-dtype {args.compute_dtype}",
-        ["measured", "value", "compared with", "ratio"],
+        f"QA-LoRA on a 4-bit base vs LoRA on float32, {products} (SmolLM2-135M-Instruct, {args.device}, {isa})",
+        command, ["measured", "value", "compared with", "ratio"],
         [_step_row(train, "training step, QA-LoRA on the 4-bit base")],
-        notes=f"Batches of {args.batch} orders examples, forward under the same {args.compute_dtype} autocast on "
-              f"both sides (adapters float32), backward outside it, AdamW; {args.trials} alternating child "
-              f"processes x {args.steps} steps. QA-LoRA de-quantizes the 4-bit weights in forward and again in "
-              "backward; autocast then multiplies in bfloat16 on both sides. LoRA's float32 base is held in "
-              "bfloat16 for the run, as lorakit train holds it (its memory counts those copies). Both in the "
-              "allocator policy of the lorakit command (freed memory kept: src/lorakit/process_memory.py).",
+        notes=f"Batches of {args.batch} orders examples, {how}, AdamW; {args.trials} alternating child "
+              f"processes x {args.steps} steps, the median step. QA-LoRA de-quantizes the 4-bit weights in "
+              "forward and again in backward (on a CPU with AVX2, 4-bit weights in one pass by lorakit's kernel, "
+              "quant/int4_float32.c, the same values as PyTorch's). "
+              + ("LoRA's float32 base is held in bfloat16 for the run, as lorakit train holds it (its memory "
+                 "counts those copies). " if half else "")
+              + "Both in the allocator policy of the lorakit command (freed memory kept: "
+              "src/lorakit/process_memory.py).",
     )
     print(path.read_text())
 
@@ -301,6 +310,8 @@ def main() -> None:
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the training forward's matrix products, on both sides (autocast); bfloat16 measures "
                         "the training step only")
+    parser.add_argument("--train-only", action="store_true",
+                        help="the training step alone, float32: qalora_<device>_float32.md")
     parser.add_argument("--decode-only", action="store_true",
                         help="inference alone (decoding speeds; answers with --parity-adapter): qalora_<device>_decode.md")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -327,8 +338,8 @@ def main() -> None:
         step = statistics.median(t for r in runs for t in r["times"])
         train[variant] = {"step": step, "peak": statistics.median(r["peak"] for r in runs),
                           "tokens_per_s": runs[0]["tokens"] / args.steps / step, "trainable": runs[0]["trainable"]}
-    if args.compute_dtype != "float32":
-        write_bfloat16_steps(train, args)
+    if args.compute_dtype != "float32" or args.train_only:
+        write_steps(train, args)
         return
     memory = linear_memory()
     rows = [[f"linear weights, {spec}", packed, f"float32: {dense}", ratio] for spec, packed, dense, ratio in memory]

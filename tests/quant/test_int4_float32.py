@@ -14,6 +14,7 @@ from torch import nn
 import lorakit
 from lorakit.hardware import X86_MACHINES
 from lorakit.quant import int4_float32
+from lorakit.quant.groupwise import quantize_weight
 from lorakit.quant.int4_float32 import FLOAT32_MAX_ROWS, Int4Gemm, Int4Gemv
 from lorakit.quant.int4_kernel import Int4Packed
 from lorakit.quant.linear import (
@@ -62,6 +63,29 @@ def test_rows_are_multiplied_in_float32_as_de_quantizing_would(group_size, wide_
     assert (y.double() - reference).norm() / reference.norm() < 1e-6
     bfloat16 = Int4Packed.from_quantized(layer.quantized).matmul(x).double()
     assert (bfloat16 + (0 if layer.bias is None else layer.bias) - reference).norm() / reference.norm() > 1e-4
+
+
+@needs_kernel
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("min_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_pass_de_quantization_is_pytorchs_bit_for_bit(group_size, min_dtype, dtype):
+    torch.manual_seed(0)
+    weight = quantize_weight(torch.randn(40, 384) * 0.05, 4, group_size, min_dtype=min_dtype)
+    fast = int4_float32.dequantize(weight, dtype)
+    assert fast.dtype == dtype and torch.equal(fast, weight.dequantize(dtype))
+    assert int4_float32.dequantize(weight, torch.float64) is None  # computed in float64 there
+    assert int4_float32.dequantize(quantize_weight(torch.randn(8, 64), 3, 32), dtype) is None
+
+
+@needs_kernel
+def test_training_through_a_4_bit_layer_takes_the_same_gradients():
+    layer = _layer(group_size=64)
+    x = torch.randn(3, 256, requires_grad=True)
+    layer(x).square().sum().backward()  # de-quantizes in forward and again in backward
+    x_ref = x.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x_ref, layer.quantized.dequantize(), layer.bias).square().sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)  # PyTorch's de-quantized weight, the same bits both times
 
 
 @needs_kernel

@@ -154,3 +154,31 @@ int int4_gemm(const float *x, int M, int K, const uint32_t *packed, const float 
     free(group_sums);
     return 0;
 }
+
+/* W~ (N, K) float32 = q * scale + min, rounded as PyTorch's de-quantizing rounds it (groupwise.py:
+ * the product, then the sum; -ffp-contract=off keeps them two roundings), so the result is the
+ * same bit for bit, in one pass over the output where PyTorch makes three (codes, scale, shift).
+ * codes, scales, mins as int4_gemv reads them; K a multiple of 32. */
+void int4_dequantize(const uint8_t *codes, const float *scales, const float *mins, int N, int K, int G, float *w,
+                     int threads) {
+    int groups = K / G;
+    const __m128i nibble = _mm_set1_epi8(15);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = codes + (size_t)n * (K / 2);
+        float *out = w + (size_t)n * K;
+        for (int k = 0; k < K; k += 32) {
+            __m256 scale = _mm256_set1_ps(scales[(size_t)n * groups + k / G]);
+            __m256 minimum = _mm256_set1_ps(mins[(size_t)n * groups + k / G]);
+            __m128i c = _mm_loadu_si128((const __m128i *)(row + k / 2));
+            __m128i low = _mm_and_si128(c, nibble), high = _mm_and_si128(_mm_srli_epi16(c, 4), nibble);
+            /* codes k..k+15, then k+16..k+31, one byte each and in order */
+            __m128i first = _mm_unpacklo_epi8(low, high), second = _mm_unpackhi_epi8(low, high);
+            __m128i parts[4] = {first, _mm_srli_si128(first, 8), second, _mm_srli_si128(second, 8)};
+            for (int i = 0; i < 4; i++) {
+                __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
+                _mm256_storeu_ps(out + k + 8 * i, _mm256_add_ps(_mm256_mul_ps(q, scale), minimum));
+            }
+        }
+    }
+}

@@ -36,7 +36,9 @@ from lorakit.quant.groupwise import QuantizedWeight, codes_as
 
 SOURCE = Path(__file__).with_name("int4_float32.c")
 # -fopenmp: the parallel loops bind to libgomp, which PyTorch has loaded already (the same soname).
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# -ffp-contract=off: a product then a sum stays two roundings (int4_dequantize matches PyTorch's bit
+# for bit); the matrix products ask for FMA explicitly.
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 GEMV_K_MULTIPLE = 64  # the one-row kernel reads codes 64 at a time
 GEMM_N_MULTIPLE = 8  # the other takes output rows 8 at a time
 # Rows of x up to which Int4Gemm is faster than de-quantizing and multiplying in float32: a SmolLM2
@@ -115,6 +117,25 @@ class Int4Gemm:
         return y.to(x.dtype)
 
 
+def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor | None:
+    """``weight.dequantize(dtype)``, the same bit for bit, in one pass over the float32 weight (half
+    dtypes rounded once from it, as there); None where this kernel does not apply (not 4-bit, not on
+    the CPU, float64, no library): then de-quantize as usual."""
+    codes = weight.codes
+    if (weight.bits != 4 or codes.device.type != "cpu" or dtype not in _ROUNDED_FROM_FLOAT32
+            or weight.shape[1] % 32 or _library() is None):
+        return None
+    out, cols = weight.shape
+    scales, mins = weight.scales.float().contiguous(), weight.mins.float().contiguous()
+    w = torch.empty(out, cols)
+    _library().int4_dequantize(codes.contiguous().data_ptr(), scales.data_ptr(), mins.data_ptr(), out, cols,
+                               weight.group_size, w.data_ptr(), torch.get_num_threads())
+    return w.to(dtype)
+
+
+_ROUNDED_FROM_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _check_width(x: torch.Tensor, in_features: int) -> None:
     # The kernels trust the row count and width they are given: a wider x would have them write
     # past the end of y.
@@ -139,6 +160,8 @@ def _library() -> ctypes.CDLL | None:
     library.int4_gemm.argtypes = [pointer, integer, integer, pointer, pointer, pointer, integer, integer, pointer,
                                   integer]
     library.int4_gemv.restype = library.int4_gemm.restype = integer
+    library.int4_dequantize.argtypes = [pointer, pointer, pointer, integer, integer, integer, pointer, integer]
+    library.int4_dequantize.restype = None
     return library
 
 
