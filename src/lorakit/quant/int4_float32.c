@@ -1,5 +1,6 @@
 /* x W~^T in float32 straight from lorakit's 4-bit group-wise codes, with AVX2 and FMA: one row
- * (int4_gemv, decoding one sequence) and a few (int4_gemm, decoding a batch, short prompts).
+ * (int4_gemv, decoding one sequence) and a few (int4_gemm, decoding a batch, short prompts); and
+ * W~ itself in one pass (int4_dequantize, for longer inputs and training).
  *
  * W~[n, k] = q[n, k] * scale[n, g] + min[n, g] with g = k / G, so for a row x
  *
@@ -13,7 +14,7 @@
  *
  * Output rows are shared out with OpenMP (PyTorch's own runtime, already loaded into the process,
  * so its threads are the ones that run); each output is summed by one thread in one order, so
- * results do not depend on the thread count. Built and loaded by int4_float32.py. Both functions
+ * results do not depend on the thread count. Built and loaded by int4_float32.py. The two products
  * return 0, or -1 where they could not allocate their scratch (y untouched).
  */
 #include <immintrin.h>

@@ -1,6 +1,7 @@
 """x W~^T in float32 straight from 4-bit codes (int4_float32.c), on x86 CPUs with AVX2: lorakit's
 kernels for one row (Int4Gemv, decoding one sequence) and a few (Int4Gemm, up to FLOAT32_MAX_ROWS:
-decoding a batch, short prompts).
+decoding a batch, short prompts); and W~ itself in one pass (``dequantize``: the same values as
+PyTorch's, for longer inputs and for QA-LoRA training, which de-quantizes in forward and backward).
 
 Without bfloat16 arithmetic in the CPU, PyTorch's CPU int4 kernel (int4_kernel.py) is held back: it
 converts x to bfloat16 and scales every weight. These multiply the integer codes by float32 x and
