@@ -171,7 +171,8 @@ def decode_times(device: torch.device, runs: int, batch: int, new_tokens: int) -
 
 
 KERNEL = "4-bit, QA-LoRA merged, kernels"
-# PyTorch's bfloat16 int4 kernel for every row count it pays at, without lorakit's float32 kernels: as before 2026-12-03.
+# PyTorch's bfloat16 int4 kernel for every row count it pays at, without lorakit's float32 product kernels (as
+# before 2026-12-03, except that longer inputs de-quantize in one pass, as in every variant).
 BFLOAT16_KERNEL = "4-bit, QA-LoRA merged, bfloat16 int4 kernel only"
 EXACT = "4-bit, QA-LoRA merged, de-quantizing path"
 FLOAT = "float32 + LoRA, merged"
@@ -285,8 +286,10 @@ def write_inference(args: argparse.Namespace) -> None:
               "(quant/int4_float32.c, where they are built) multiply up to int4_float32.FLOAT32_MAX_ROWS rows of "
               "input straight from the codes (one row by the one-row kernel); longer inputs take PyTorch's int4 "
               "kernel where it pays (bfloat16 x, float32 accumulation; where bfloat16 is emulated, only up to "
-              "int4_kernel.EMULATED_BFLOAT16_MAX_ROWS rows) or de-quantize. The row 'bfloat16 int4 kernel only' is "
-              "the model without lorakit's kernels, as before 2026-12-03. The parity rows compare answers with "
+              "int4_kernel.EMULATED_BFLOAT16_MAX_ROWS rows) or de-quantize (4-bit weights in one pass by lorakit's "
+              "kernel where it is built, the same values as PyTorch's, in every variant). The row 'bfloat16 int4 "
+              "kernel only' is the model without lorakit's product kernels, as before 2026-12-03 but for that "
+              "de-quantization. The parity rows compare answers with "
               "the de-quantizing path in batches of 32. Every model's float32 Linear "
               "weights (all of the float32 model's, the 4-bit models' output head) are packed for oneDNN as "
               "lorakit's generate, eval and serve run them (models/packed_weights.py), except in the row 'not "
