@@ -2,7 +2,6 @@
 de-quantizing path in float64; which layers and row counts they take; how they are built and cached."""
 
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.hardware import X86_MACHINES
 from lorakit.quant import int4_float32
 from lorakit.quant.groupwise import quantize_weight
 from lorakit.quant.int4_float32 import FLOAT32_MAX_ROWS, Int4Gemm, Int4Gemv
@@ -26,8 +24,7 @@ from lorakit.quant.linear import (
 from tests.conftest import randomize_adapters
 
 CPU = torch.device("cpu")
-CAN_BUILD = (sys.platform == "linux" and platform.machine().lower() in X86_MACHINES
-             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and shutil.which("cc") is not None)
+CAN_BUILD = int4_float32.platform_supported() and shutil.which("cc") is not None
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="the kernel is built on Linux x86 with AVX2 and a C compiler")
 
 

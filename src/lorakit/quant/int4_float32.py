@@ -76,10 +76,7 @@ class Int4Gemv:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) with one row -> (..., out) in x's dtype, computed in float32."""
-        _check_width(x, self.in_features)
-        flat = x.reshape(-1)  # (in,)
-        if flat.dtype != torch.float32 or not flat.is_contiguous():
-            flat = flat.float().contiguous()
+        flat = _float32_rows(x, self.in_features)  # (1, in)
         y = torch.empty(*x.shape[:-1], self.out_features)  # float32
         status = _library().int4_gemv(flat.data_ptr(), self.in_features, *self._addresses, self.out_features,
                                       self.group_size, y.data_ptr(), torch.get_num_threads())
@@ -106,10 +103,7 @@ class Int4Gemm:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out) in x's dtype, computed in float32."""
-        _check_width(x, self.in_features)
-        flat = x.reshape(-1, self.in_features)
-        if flat.dtype != torch.float32 or not flat.is_contiguous():
-            flat = flat.float().contiguous()
+        flat = _float32_rows(x, self.in_features)  # (rows, in)
         y = torch.empty(*x.shape[:-1], self.out_features)  # float32
         status = _library().int4_gemm(flat.data_ptr(), flat.shape[0], self.in_features, *self._addresses,
                                       self.out_features, self.group_size, y.data_ptr(), torch.get_num_threads())
@@ -137,18 +131,26 @@ def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor | No
 _ROUNDED_FROM_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_width(x: torch.Tensor, in_features: int) -> None:
+def _float32_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x as contiguous float32 rows (rows, in), as the kernels read it."""
     # The kernels trust the row count and width they are given: a wider x would have them write
     # past the end of y.
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension; this layer takes {in_features}")
+    rows = x.reshape(-1, in_features)
+    return rows if rows.dtype == torch.float32 and rows.is_contiguous() else rows.float().contiguous()
+
+
+def platform_supported() -> bool:
+    """Whether the kernels can run here: Linux on x86 with AVX2, PyTorch on OpenMP (whose libgomp they use)."""
+    return (sys.platform == "linux" and platform.machine().lower() in X86_MACHINES
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+            and "parallel backend: OpenMP" in torch.__config__.parallel_info())
 
 
 @functools.cache  # built or found once per process
 def _library() -> ctypes.CDLL | None:
-    if not (sys.platform == "linux" and platform.machine().lower() in X86_MACHINES
-            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-            and "parallel backend: OpenMP" in torch.__config__.parallel_info()):
+    if not platform_supported():
         return None
     source_digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
     directory, prefix = cache_root() / "kernels", f"int4_float32-{source_digest}-"
