@@ -181,11 +181,14 @@ FLOAT_UNPACKED = "float32 + LoRA, merged, weights not packed (F.linear)"
 
 
 def _bfloat16_kernel_only(model: torch.nn.Module) -> torch.nn.Module:
+    from lorakit.quant.int8_head import Int8GridHead
     from lorakit.quant.linear import QuantLinear
 
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.use_float32_kernels = False
+        elif isinstance(module, Int8GridHead):
+            module.use_kernel = False  # the float head, as before lorakit's 8-bit head product
     return model
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.quant import int4_float32
+from lorakit.quant import int4_float32, native
 from lorakit.quant.groupwise import quantize_weight
 from lorakit.quant.int4_float32 import FLOAT32_MAX_ROWS, Int4Gemm, Int4Gemv
 from lorakit.quant.int4_kernel import Int4Packed
@@ -24,7 +24,7 @@ from lorakit.quant.linear import (
 from tests.conftest import randomize_adapters
 
 CPU = torch.device("cpu")
-CAN_BUILD = int4_float32.platform_supported() and shutil.which("cc") is not None
+CAN_BUILD = native.platform_supported() and shutil.which("cc") is not None
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="the kernel is built on Linux x86 with AVX2 and a C compiler")
 
 
@@ -156,15 +156,15 @@ def test_a_build_cut_short_leaves_nothing_that_would_be_loaded(tmp_path, monkeyp
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     directory = tmp_path / "kernels"
-    assert int4_float32._build(directory, "int4_float32-test-") is None
+    assert native.build(int4_float32.SOURCE, directory, "int4_float32-test-") is None
     assert list(directory.iterdir()) == []
     monkeypatch.delenv("CC")
-    built = int4_float32._build(directory, "int4_float32-test-")
-    assert list(directory.iterdir()) == [built] and int4_float32._private(built)
-    assert int4_float32._verified(directory, "int4_float32-test-") == built
+    built = native.build(int4_float32.SOURCE, directory, "int4_float32-test-")
+    assert list(directory.iterdir()) == [built] and native.private(built)
+    assert native.verified(directory, "int4_float32-test-") == built
     in_the_way = tmp_path / "not-a-directory"  # a cache that cannot be written (even by root)
     in_the_way.write_text("")
-    assert int4_float32._build(in_the_way / "kernels", "int4_float32-test-") is None
+    assert native.build(int4_float32.SOURCE, in_the_way / "kernels", "int4_float32-test-") is None
 
 
 @needs_kernel
@@ -185,7 +185,7 @@ def test_a_damaged_library_is_rebuilt_and_one_others_could_write_is_not_loaded(t
                               env={**os.environ, "LORAKIT_CACHE": str(tmp_path)})
         assert done.stdout.strip() == "Int4Gemv"  # loading it would have crashed that process (SIGBUS)
         (rebuilt,) = (tmp_path / "kernels").iterdir()  # the damaged one removed
-        assert int4_float32._digest(rebuilt) == rebuilt.stem.rpartition("-")[2]
+        assert native.digest(rebuilt) == rebuilt.stem.rpartition("-")[2]
         os.chmod(rebuilt, 0o666)
         int4_float32._library.cache_clear()
         assert int4_float32._library() is None  # the int4 kernel takes their rows instead

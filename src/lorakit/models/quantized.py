@@ -21,6 +21,7 @@ from lorakit.core.walk import replace_module
 from lorakit.errors import ConfigError
 from lorakit.files.model_directory import WEIGHTS, write_model_directory
 from lorakit.quant.groupwise import QuantizedWeight, QuantSpec
+from lorakit.quant.int8_head import use_int8_grid_head
 from lorakit.quant.linear import QuantLinear, quantize_linears
 
 QUANT_CONFIG = "lorakit_quantization.json"
@@ -32,7 +33,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec, gguf: str | Path | None = 
 
     With ``gguf`` (the file the float model was read from) and a 4-bit, group-32 spec, the layers
     take the file's Q4_1 blocks as they are: no re-quantization, and the weights are exactly the
-    ones the float model holds. Otherwise the float weights are quantized.
+    ones the float model holds. Otherwise the float weights are quantized. The head stays float; it
+    is multiplied from 8-bit codes when decoding where it lies exactly on an 8-bit grid, as GGUF's
+    Q8_0 heads do (quant/int8_head.py).
     """
     if gguf is not None and (spec.bits, spec.group_size) == (4, 32):
         from lorakit.quant.gguf_q4_1 import read_llama_q4_1
@@ -40,8 +43,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec, gguf: str | Path | None = 
         for path, weight in read_llama_q4_1(gguf).items():
             linear = model.get_submodule(path)
             replace_module(model, path, QuantLinear(weight, linear.bias))
-        return model
-    return quantize_linears(model, spec.bits, spec.group_size)
+    else:
+        quantize_linears(model, spec.bits, spec.group_size)
+    return use_int8_grid_head(model)
 
 
 def quantized_spec(model: nn.Module) -> QuantSpec | None:
@@ -88,6 +92,7 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.float32) ->
         raise ConfigError(f"{directory / WEIGHTS}: does not match its config.json (missing "
                           f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
     model.tie_weights()
+    use_int8_grid_head(model)
     model.requires_grad_(False)
     model.name_or_path = model.config._name_or_path = description["base_model_name_or_path"] or str(directory)
     return model.eval(), AutoTokenizer.from_pretrained(str(directory))

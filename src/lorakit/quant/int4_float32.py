@@ -12,7 +12,7 @@ float32, so their products match the de-quantizing path to ~1e-6 (the bfloat16 k
 
 PyTorch ships no such kernel for the CPU, nor does a library that installs beside torch 2.13
 (docs/ARCHITECTURE.md), so lorakit compiles its own: once per machine, with the system's C
-compiler, into ``$LORAKIT_CACHE/kernels``; ~0.5 s. Where that cannot be done (no compiler, not
+compiler, into ``$LORAKIT_CACHE/kernels`` (native.py); ~0.5 s. Where that cannot be done (no compiler, not
 Linux on x86 with AVX2, PyTorch not on OpenMP), 4-bit layers use the int4 kernel as before.
 """
 
@@ -20,26 +20,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from lorakit.cache import cache_root
-from lorakit.hardware import X86_MACHINES
 from lorakit.quant.groupwise import QuantizedWeight, codes_as
+from lorakit.quant.native import float32_rows, load_library
 
 SOURCE = Path(__file__).with_name("int4_float32.c")
-# -fopenmp: the parallel loops bind to libgomp, which PyTorch has loaded already (the same soname).
-# -ffp-contract=off: a product then a sum stays two roundings (int4_dequantize matches PyTorch's bit
-# for bit); the matrix products ask for FMA explicitly.
-FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 GEMV_K_MULTIPLE = 64  # the one-row kernel reads codes 64 at a time
 GEMM_N_MULTIPLE = 8  # the other takes output rows 8 at a time
 # Rows of x up to which Int4Gemm is faster than de-quantizing and multiplying in float32: a SmolLM2
@@ -76,7 +64,7 @@ class Int4Gemv:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) with one row -> (..., out) in x's dtype, computed in float32."""
-        flat = _float32_rows(x, self.in_features)  # (1, in)
+        flat = float32_rows(x, self.in_features)  # (1, in)
         y = torch.empty(*x.shape[:-1], self.out_features)  # float32
         status = _library().int4_gemv(flat.data_ptr(), self.in_features, *self._addresses, self.out_features,
                                       self.group_size, y.data_ptr(), torch.get_num_threads())
@@ -103,7 +91,7 @@ class Int4Gemm:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out) in x's dtype, computed in float32."""
-        flat = _float32_rows(x, self.in_features)  # (rows, in)
+        flat = float32_rows(x, self.in_features)  # (rows, in)
         y = torch.empty(*x.shape[:-1], self.out_features)  # float32
         status = _library().int4_gemm(flat.data_ptr(), flat.shape[0], self.in_features, *self._addresses,
                                       self.out_features, self.group_size, y.data_ptr(), torch.get_num_threads())
@@ -131,33 +119,11 @@ def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor | No
 _ROUNDED_FROM_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _float32_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x as contiguous float32 rows (rows, in), as the kernels read it."""
-    # The kernels trust the row count and width they are given: a wider x would have them write
-    # past the end of y.
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dimension; this layer takes {in_features}")
-    rows = x.reshape(-1, in_features)
-    return rows if rows.dtype == torch.float32 and rows.is_contiguous() else rows.float().contiguous()
-
-
-def platform_supported() -> bool:
-    """Whether the kernels can run here: Linux on x86 with AVX2, PyTorch on OpenMP (whose libgomp they use)."""
-    return (sys.platform == "linux" and platform.machine().lower() in X86_MACHINES
-            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-            and "parallel backend: OpenMP" in torch.__config__.parallel_info())
-
-
 @functools.cache  # built or found once per process
 def _library() -> ctypes.CDLL | None:
-    if not platform_supported():
+    library = load_library(SOURCE)
+    if library is None:
         return None
-    source_digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    directory, prefix = cache_root() / "kernels", f"int4_float32-{source_digest}-"
-    built = _verified(directory, prefix) or _build(directory, prefix)
-    if built is None or not _private(built):
-        return None
-    library = ctypes.CDLL(str(built))
     pointer, integer = ctypes.c_void_p, ctypes.c_int
     library.int4_gemv.argtypes = [pointer, integer, pointer, pointer, pointer, integer, integer, pointer, integer]
     library.int4_gemm.argtypes = [pointer, integer, integer, pointer, pointer, pointer, integer, integer, pointer,
@@ -166,55 +132,3 @@ def _library() -> ctypes.CDLL | None:
     library.int4_dequantize.argtypes = [pointer, pointer, pointer, integer, integer, integer, pointer, integer]
     library.int4_dequantize.restype = None
     return library
-
-
-def _verified(directory: Path, prefix: str) -> Path | None:
-    """A library built from this source whose bytes match the digest in its name. Loading a damaged
-    one (say, cut short by a power cut after its rename reached the disk and before its data did)
-    would crash the process, not fail, so one that does not match is removed and never loaded."""
-    for path in sorted(directory.glob(f"{prefix}*.so")):
-        try:
-            if _digest(path) == path.stem.removeprefix(prefix):
-                return path
-            path.unlink()
-        except OSError:
-            continue
-    return None
-
-
-def _build(directory: Path, prefix: str) -> Path | None:
-    """Compile SOURCE into ``directory``: into a temporary file, renamed once whole to ``prefix`` + its
-    bytes' digest, so that a build cut short (or two at once) never leaves a partial library under a
-    name that is loaded. None where there is no compiler, it fails, or the directory is not writable."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=directory, prefix=f".{prefix}", suffix=".tmp")
-    except OSError:
-        return None
-    os.close(handle)
-    try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], check=False, capture_output=True,
-                              timeout=120)
-        if done.returncode != 0:
-            return None
-        built = directory / f"{prefix}{_digest(Path(partial))}.so"
-        os.replace(partial, built)
-        return built
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    finally:
-        Path(partial).unlink(missing_ok=True)
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-def _private(path: Path) -> bool:
-    """Whether ``path`` is this user's and writable by no one else: loading a library runs its code,
-    so one that another account could have replaced is not loaded."""
-    status = path.stat()
-    return status.st_uid == os.getuid() and not status.st_mode & 0o022

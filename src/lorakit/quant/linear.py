@@ -19,6 +19,7 @@ from lorakit.quant.int4_float32 import (
     gemv_applies,
 )
 from lorakit.quant.int4_kernel import Int4Packed, kernel_available, kernel_pays
+from lorakit.quant.int8_head import Int8GridHead
 
 KernelForm = Int4Gemv | Int4Gemm | Int4Packed
 # Which kernels may multiply how many rows, fastest first: the first whose form applies does.
@@ -168,9 +169,10 @@ def widen_mins(model: nn.Module) -> nn.Module:
 
 
 def use_int4_kernel(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Let every QuantLinear in ``model`` use the int4 kernel (bfloat16 compute), or keep the exact
-    de-quantizing path (float32 reference) with ``enabled=False``; in place."""
+    """Let every QuantLinear in ``model`` multiply with its kernels, and an Int8GridHead from its
+    8-bit codes; or keep the exact de-quantizing path and the float head (the float32 reference)
+    with ``enabled=False``; in place."""
     for module in model.modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, (QuantLinear, Int8GridHead)):
             module.use_kernel = enabled
     return model
