@@ -14,8 +14,9 @@
  *
  * Output rows are shared out with OpenMP (PyTorch's own runtime, already loaded into the process,
  * so its threads are the ones that run); each output is summed by one thread in one order, so
- * results do not depend on the thread count. Built and loaded by int4_float32.py. The two products
- * return 0, or -1 where they could not allocate their scratch (y untouched).
+ * results do not depend on the thread count. Called from int4_float32.py, built and loaded by
+ * native.py. The two products return 0, or -1 where they could not allocate their scratch (y
+ * untouched).
  */
 #include <immintrin.h>
 #include <stdint.h>

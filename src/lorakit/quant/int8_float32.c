@@ -1,4 +1,5 @@
-/* x W^T in float32 for a weight on an 8-bit block grid (built and loaded by int8_head.py):
+/* x W^T in float32 for a weight on an 8-bit block grid (called from int8_head.py, built and loaded
+ * by native.py):
  *
  *     W[n, k] = d[n, b] * q[n, k],  b = k / 32,  q an integer in [-127, 127]
  *
