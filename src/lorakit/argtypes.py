@@ -18,9 +18,10 @@ def finite_float(text: str) -> float:
     return value
 
 
-EXACT_4BIT_HELP = ("compute 4-bit layers by de-quantizing them to float32 (the exact reference) instead of with "
-                   "kernels straight from the codes (lorakit's float32 ones up to 128 rows, PyTorch's bfloat16 int4 "
-                   "kernel beyond; about 2x faster at batch 1 on a 2-core AVX2 CPU); no effect on other models")
+EXACT_4BIT_HELP = ("compute 4-bit layers by de-quantizing them to float32 (the exact reference), and the output "
+                   "head as floats, instead of with kernels straight from the codes (lorakit's float32 ones up to "
+                   "128 rows, PyTorch's bfloat16 int4 kernel beyond; a head on GGUF's 8-bit grid from its 8-bit "
+                   "codes; about 2x faster at batch 1 on a 2-core AVX2 CPU); no effect on other models")
 JSON_HELP = ("constrain decoding so that every answer is one JSON object: a token that would break it is never "
              "picked, and the answer ends only once the object is closed")
 COPY_FIELDS_HELP = ("comma-separated JSON keys (e.g. item,deliver_to) whose string values must be spans of the prompt: "

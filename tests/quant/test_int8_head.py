@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.models.base import load_base
+from lorakit.models.packed_weights import PackedLinearWeights, packing_available
 from lorakit.models.quantized import QuantSpec, load_quantized, save_quantized
 from lorakit.quant import native
 from lorakit.quant.int8_head import (
@@ -149,3 +150,18 @@ def test_the_exact_path_switch_gives_the_float_head():
         assert not torch.equal(head(x), F.linear(x, head.weight))
         use_int4_kernel(nn.Sequential(head), False)
         assert torch.equal(head(x), F.linear(x, head.weight))
+
+
+@needs_kernel
+@pytest.mark.skipif(not packing_available(), reason="this PyTorch build has no oneDNN")
+def test_only_a_head_that_multiplies_as_floats_gets_a_packed_float_copy():
+    on_grid, off_grid, switched_off = _head(_grid_weight()), _head(torch.randn(200, 96)), _head(_grid_weight())
+    switched_off.use_kernel = False  # as --exact-4bit leaves it
+    packed = PackedLinearWeights(nn.ModuleList([on_grid, off_grid, switched_off]))
+    assert "forward" not in vars(on_grid)  # its codes do the products: no 4-byte copy of its weight
+    assert "forward" in vars(off_grid) and "forward" in vars(switched_off)
+    assert packed.nbytes == 2 * 200 * 96 * 4
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        for head in (off_grid, switched_off):
+            torch.testing.assert_close(head(x), F.linear(x, head.weight))

@@ -14,7 +14,8 @@ SmolLM2, output head included) and follow them: a weight written since its copy 
 a load) is packed again on its next use. Only products without gradients use them; training, other
 dtypes, autocast and other devices compute with F.linear as before. Modules that multiply by their
 weight with ``F.linear`` and nothing else take part: exactly ``nn.Linear`` and lorakit's LoRA
-Linear (its adapters, DoRA's too, stay as they are; only the base product changes kernel).
+Linear (its adapters, DoRA's too, stay as they are; only the base product changes kernel), and a
+quantized model's output head where it does not multiply from 8-bit codes (quant/int8_head.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import nn
 
 from lorakit.core.layers.linear import Linear as LoraLinear
 from lorakit.process_memory import available_memory_bytes
+from lorakit.quant.int8_head import Int8GridHead
 
 
 def packing_available() -> bool:
@@ -69,7 +71,7 @@ class PackedLinearWeights:
             return
         # A module with a forward of its own on the instance is left alone (another PackedLinearWeights routes it).
         modules = [m for m in self.model.modules()
-                   if type(m) in (nn.Linear, LoraLinear) and "forward" not in vars(m) and _packable(m.weight, m.bias)]
+                   if _multiplies_floats(m) and "forward" not in vars(m) and _packable(m.weight, m.bias)]
         unpacked = {id(m.weight): m.weight for m in modules if self._pack_of(m.weight) is None}
         needed = sum(w.numel() * w.element_size() for w in unpacked.values())
         available = available_memory_bytes() if needed else None  # nothing new (the usual admission): no read
@@ -104,6 +106,15 @@ def packed_linear_weights(model: nn.Module) -> Iterator[PackedLinearWeights]:
         yield packed
     finally:
         packed.release()
+
+
+def _multiplies_floats(module: nn.Module) -> bool:
+    """Whether ``module``'s product is F.linear with its float weight: nn.Linear, LoRA's Linear, and an
+    output head on an 8-bit grid where it does not multiply from its codes (a float copy of a head
+    that does would only cost memory: 113 MB for SmolLM2's)."""
+    if type(module) is Int8GridHead:
+        return not module.use_kernel or module.grid() is None
+    return type(module) in (nn.Linear, LoraLinear)
 
 
 def _packable(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
