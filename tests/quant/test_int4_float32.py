@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.quant import int4_float32, native
+from lorakit.quant import int4_float32, int4_kernel, native
+from lorakit.quant import linear as quant_linear
 from lorakit.quant.groupwise import quantize_weight
 from lorakit.quant.int4_float32 import FLOAT32_MAX_ROWS, Int4Gemm, Int4Gemv
-from lorakit.quant.int4_kernel import Int4Packed
+from lorakit.quant.int4_kernel import Int4Packed, kernel_available
 from lorakit.quant.linear import (
     QuantLinear,
     quantize_linears,
@@ -23,6 +24,13 @@ from tests.conftest import randomize_adapters
 CPU = torch.device("cpu")
 CAN_BUILD = native.platform_supported() and shutil.which("cc") is not None
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="the kernel is built on Linux x86 with AVX2 and a C compiler")
+
+
+@pytest.fixture(autouse=True)
+def _bfloat16_emulated(monkeypatch):
+    """As on a CPU without bfloat16 arithmetic, where these kernels take up to FLOAT32_MAX_ROWS rows
+    (with it, PyTorch's int4 kernel takes 2 and more: tested below)."""
+    monkeypatch.setattr(quant_linear, "native_bfloat16", lambda device: False)
 
 
 def _layer(out_features=48, in_features=256, group_size=32, bias=True, wide_mins=False):
@@ -127,6 +135,19 @@ def test_each_row_count_takes_its_kernel_and_the_others_are_left_alone():
         other = QuantLinear.from_linear(nn.Linear(256, 16), bits, 32)
         assert not int4_float32.gemv_applies(other.quantized, CPU)
         assert not int4_float32.gemm_applies(other.quantized, CPU)
+
+
+@needs_kernel
+@pytest.mark.skipif(not kernel_available(_layer().quantized, CPU), reason="PyTorch's int4 kernel is not in this build")
+def test_where_bfloat16_is_native_its_int4_kernel_takes_two_rows_and_more(monkeypatch):
+    for module in (quant_linear, int4_kernel):
+        monkeypatch.setattr(module, "native_bfloat16", lambda device: True)
+    layer = _layer()
+    assert isinstance(layer.kernel_weight(CPU, 1), Int4Gemv)  # one row: lorakit's, as fast and exact
+    for rows in (2, FLOAT32_MAX_ROWS, FLOAT32_MAX_ROWS + 1):
+        assert isinstance(layer.kernel_weight(CPU, rows), Int4Packed)
+    # 24 outputs: the int4 kernel packs them 16 at a time and does not apply; lorakit's few-row one does
+    assert isinstance(_layer(out_features=24).kernel_weight(CPU, 2), Int4Gemm)
 
 
 @needs_kernel

@@ -99,6 +99,11 @@ def test_the_float_product_is_kept_for_training_many_rows_and_a_changed_weight()
     on_grid = _head(weight)
     with torch.no_grad(), pytest.raises(RuntimeError, match="cannot be multiplied"):  # as nn.Linear's head fails
         on_grid(torch.randn(1, 95))
+    with torch.no_grad():
+        assert on_grid(torch.randn(0, 96)).shape == (0, 200)  # no rows: nothing to multiply
+    with torch.inference_mode():
+        made_in_inference_mode = _head(_grid_weight())
+        assert torch.equal(made_in_inference_mode(x[:1]), F.linear(x[:1], made_in_inference_mode.weight))
 
 
 @needs_kernel

@@ -12,8 +12,9 @@ float32, so their products match the de-quantizing path to ~1e-6 (the bfloat16 k
 
 PyTorch ships no such kernel for the CPU, nor does a library that installs beside torch 2.13
 (docs/ARCHITECTURE.md), so lorakit compiles its own: once per machine, with the system's C
-compiler, into ``$LORAKIT_CACHE/kernels`` (native.py); ~0.5 s. Where that cannot be done (no compiler, not
-Linux on x86 with AVX2, PyTorch not on OpenMP), 4-bit layers use the int4 kernel as before.
+compiler, into ``$LORAKIT_CACHE/kernels`` (native.py); ~0.5 s. Where that cannot be done (no
+compiler, not Linux on x86 with AVX2, PyTorch not on OpenMP), 4-bit layers use the int4 kernel as
+before.
 """
 
 from __future__ import annotations

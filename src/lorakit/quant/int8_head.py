@@ -98,6 +98,8 @@ class Int8GridHead(nn.Linear):
 
     def grid(self) -> Int8Grid | None:
         weight = self.weight
+        if weight.is_inference():  # keeps no version counter: a write to it could not be noticed
+            return None
         source = (weight.device, weight.dtype, weight.data_ptr(), weight._version)
         if self._grid[0] != source:
             found = int8_grid(weight) if _library() is not None else None
