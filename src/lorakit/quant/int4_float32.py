@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lorakit.quant.groupwise import QuantizedWeight, codes_as
-from lorakit.quant.native import float32_rows, load_library
+from lorakit.quant.native import INT, POINTER, float32_rows, load_library
 
 SOURCE = Path(__file__).with_name("int4_float32.c")
 GEMV_K_MULTIPLE = 64  # the one-row kernel reads codes 64 at a time
@@ -122,14 +122,8 @@ _ROUNDED_FROM_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
 
 @functools.cache  # built or found once per process
 def _library() -> ctypes.CDLL | None:
-    library = load_library(SOURCE)
-    if library is None:
-        return None
-    pointer, integer = ctypes.c_void_p, ctypes.c_int
-    library.int4_gemv.argtypes = [pointer, integer, pointer, pointer, pointer, integer, integer, pointer, integer]
-    library.int4_gemm.argtypes = [pointer, integer, integer, pointer, pointer, pointer, integer, integer, pointer,
-                                  integer]
-    library.int4_gemv.restype = library.int4_gemm.restype = integer
-    library.int4_dequantize.argtypes = [pointer, pointer, pointer, integer, integer, integer, pointer, integer]
-    library.int4_dequantize.restype = None
-    return library
+    return load_library(SOURCE, {
+        "int4_gemv": ([POINTER, INT, POINTER, POINTER, POINTER, INT, INT, POINTER, INT], ctypes.c_int),
+        "int4_gemm": ([POINTER, INT, INT, POINTER, POINTER, POINTER, INT, INT, POINTER, INT], ctypes.c_int),
+        "int4_dequantize": ([POINTER, POINTER, POINTER, INT, INT, INT, POINTER, INT], None),
+    })

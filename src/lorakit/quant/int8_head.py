@@ -4,8 +4,8 @@ codes when decoding (int8_float32.c).
 SmolLM2's GGUF file stores its tied embedding and head as Q8_0 blocks, d * q for 32 weights with q
 in [-127, 127] and d a float16, so the float32 head transformers makes of it is exactly that grid.
 At batch 1 a token of the 4-bit model read the whole float32 head (49152 x 576, 113 MB): ~7 of its
-~29 ms on a 2-core AMD EPYC. The codes and scales are a quarter of those bytes, and multiplying
-from them computes the same product up to float32 rounding. Nothing is rounded to get there: a
+~29 ms on a 2-core AMD EPYC with AVX2. The codes and scales are a quarter of those bytes, and
+multiplying from them computes the same product up to float32 rounding. Nothing is rounded to get there: a
 head is taken only if every weight equals its block's d * q exactly; any other head (trained,
 NaN, float16, not from such a file) keeps its float product.
 """
@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.quant.native import float32_rows, load_library
+from lorakit.quant.native import INT, POINTER, float32_rows, load_library
 
 SOURCE = Path(__file__).with_name("int8_float32.c")
 BLOCK = 32  # weights per scale, as in GGUF's Q8_0
-# Rows up to which the codes are faster than the float head (PyTorch's product). SmolLM2's head on a
-# 2-core AMD EPYC (AVX2), 2026-12-03: 1 row 1.4 against 10.0 ms, 16 rows 8.3 against 24.9, 64 rows
-# 33.8 against 47.4 (the codes' product is compute-bound from there on, the float one catching up).
+# Rows up to which the codes are faster than the float head's F.linear, which takes the rows beyond
+# (a head that multiplies from its codes gets no oneDNN copy: models/packed_weights.py). SmolLM2's
+# head on a 2-core AMD EPYC Zen 4, 2026-12-03: 1 row 1.4 against 10.0 ms, 16 rows 8.3 against 24.9,
+# 64 rows 33.8 against 47.4 (the codes' product is compute-bound from there on).
 HEAD_MAX_ROWS = 64
 _CHECK_ROWS = 4096  # the grid is checked this many weight rows at a time (bounded scratch)
 
@@ -118,10 +119,4 @@ def use_int8_grid_head(model: nn.Module) -> nn.Module:
 
 @functools.cache  # built or found once per process
 def _library() -> ctypes.CDLL | None:
-    library = load_library(SOURCE)
-    if library is None:
-        return None
-    pointer, integer = ctypes.c_void_p, ctypes.c_int
-    library.int8_matmul.argtypes = [pointer, integer, integer, pointer, pointer, integer, pointer, integer]
-    library.int8_matmul.restype = None
-    return library
+    return load_library(SOURCE, {"int8_matmul": ([POINTER, INT, INT, POINTER, POINTER, INT, POINTER, INT], None)})

@@ -36,9 +36,15 @@ def platform_supported() -> bool:
             and "parallel backend: OpenMP" in torch.__config__.parallel_info())
 
 
-def load_library(source: Path) -> ctypes.CDLL | None:
-    """``source`` built (once per machine and version of it) and loaded; None where it cannot be: not
-    a supported platform, no compiler, an unwritable cache, or a library another account could write."""
+# A C function's signature for ctypes: (argument types, return type).
+POINTER, INT = ctypes.c_void_p, ctypes.c_int
+Signature = tuple[list, type | None]
+
+
+def load_library(source: Path, signatures: dict[str, Signature]) -> ctypes.CDLL | None:
+    """``source`` built (once per machine and version of it) and loaded, its functions given
+    ``signatures``; None where it cannot be: not a supported platform, no compiler, an unwritable
+    cache, or a library another account could write."""
     if not platform_supported():
         return None
     source_digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
@@ -46,7 +52,11 @@ def load_library(source: Path) -> ctypes.CDLL | None:
     built = verified(directory, prefix) or build(source, directory, prefix)
     if built is None or not private(built):
         return None
-    return ctypes.CDLL(str(built))
+    library = ctypes.CDLL(str(built))
+    for name, (arguments, result) in signatures.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = arguments, result
+    return library
 
 
 def float32_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
