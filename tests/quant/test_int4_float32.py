@@ -1,14 +1,13 @@
 """lorakit's float32 4-bit kernels (int4_float32.c: one row, and a few) against the exact
 de-quantizing path in float64; which layers and row counts they take; how they are built and cached."""
 
-import shutil
 
 import pytest
 import torch
 from torch import nn
 
 import lorakit
-from lorakit.quant import int4_float32, int4_kernel, native
+from lorakit.quant import int4_float32, int4_kernel
 from lorakit.quant import linear as quant_linear
 from lorakit.quant.groupwise import quantize_weight
 from lorakit.quant.int4_float32 import FLOAT32_MAX_ROWS, Int4Gemm, Int4Gemv
@@ -20,10 +19,9 @@ from lorakit.quant.linear import (
     widen_mins,
 )
 from tests.conftest import randomize_adapters
+from tests.quant.buildable import CAN_BUILD, needs_kernel
 
 CPU = torch.device("cpu")
-CAN_BUILD = native.platform_supported() and shutil.which("cc") is not None
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="the kernel is built on Linux x86 with AVX2 and a C compiler")
 
 
 @pytest.fixture(autouse=True)

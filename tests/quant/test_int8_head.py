@@ -1,7 +1,6 @@
 """The output head multiplied from 8-bit codes where its float weight is exactly on an 8-bit block grid
 (int8_head.py, int8_float32.c): which heads are taken, the product against float64, when it is not used."""
 
-import shutil
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ from torch import nn
 from lorakit.models.base import load_base
 from lorakit.models.packed_weights import PackedLinearWeights, packing_available
 from lorakit.models.quantized import QuantSpec, load_quantized, save_quantized
-from lorakit.quant import native
 from lorakit.quant.int8_head import (
     HEAD_MAX_ROWS,
     Int8Grid,
@@ -20,9 +18,7 @@ from lorakit.quant.int8_head import (
     use_int8_grid_head,
 )
 from lorakit.quant.linear import use_int4_kernel
-
-CAN_BUILD = native.platform_supported() and shutil.which("cc") is not None
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="the kernel is built on Linux x86 with AVX2 and a C compiler")
+from tests.quant.buildable import needs_kernel
 
 
 def _grid_weight(rows=200, cols=96, seed=0):

@@ -2,16 +2,11 @@
 cut short, an unwritable cache, a damaged library on disk, one another account could write."""
 
 import os
-import shutil
 import subprocess
 import sys
 
-import pytest
-
 from lorakit.quant import int4_float32, native
-
-CAN_BUILD = native.platform_supported() and shutil.which("cc") is not None
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="the kernel is built on Linux x86 with AVX2 and a C compiler")
+from tests.quant.buildable import needs_kernel
 
 
 @needs_kernel
